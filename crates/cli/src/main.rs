@@ -1,0 +1,6 @@
+//! The `imgstream` binary.
+
+fn main() {
+    eprintln!("imgstream: not built yet");
+    std::process::exit(1);
+}

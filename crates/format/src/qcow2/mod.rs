@@ -1,0 +1,18 @@
+//! The qcow2 driver (being written).
+
+use crate::error::{Error, Result};
+use crate::{CreateOptions, OpenOptions, Storage};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct Qcow2;
+
+impl Qcow2 {
+    pub fn open(_storage: Arc<dyn Storage>, _options: OpenOptions) -> Result<crate::raw::Raw> {
+        Err(Error::unsupported("qcow2 is not implemented yet"))
+    }
+}
+
+pub fn create(_storage: &dyn Storage, _options: &CreateOptions) -> Result<()> {
+    Err(Error::unsupported("qcow2 is not implemented yet"))
+}

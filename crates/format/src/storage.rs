@@ -1,0 +1,309 @@
+//! Byte storage under an image: positioned reads and writes, flush, size, and QEMU-compatible locks.
+
+use crate::error::{Error, ErrorKind, Result};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Where an image's bytes live. Implementations must be safe to use from many threads at once.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end read as zeroes.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Current size in bytes.
+    fn len(&self) -> Result<u64>;
+    /// Truncates or extends.
+    fn set_len(&self, len: u64) -> Result<()>;
+    /// Deallocates a range so that it reads as zeroes, if the storage can; returns whether it did.
+    fn punch_hole(&self, _offset: u64, _len: u64) -> Result<bool> {
+        Ok(false)
+    }
+    /// From `offset`, whether the bytes are data (true) or a hole (false), and where that run
+    /// ends. `None` when the storage cannot tell (then everything counts as data).
+    fn data_or_hole(&self, _offset: u64) -> Result<Option<(bool, u64)>> {
+        Ok(None)
+    }
+    /// The file name, for messages and for resolving relative backing names.
+    fn path(&self) -> &Path;
+}
+
+/// A regular file, accessed with pread/pwrite.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+}
+
+impl FileStorage {
+    /// Opens `path`; `writable` selects O_RDWR.
+    pub fn open(path: &Path, writable: bool) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("Could not stat '{}'", path.display()), e))?;
+        if meta.is_dir() {
+            return Err(Error::invalid(format!(
+                "'{}' is a directory, not an image",
+                path.display()
+            )));
+        }
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Creates (or truncates) `path` for writing.
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
+        Ok(FileStorage {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("Read of '{}' at {offset} failed", self.path.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!("Write to '{}' at {offset} failed", self.path.display()),
+                e,
+            )
+        })
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(format!("Flush of '{}' failed", self.path.display()), e))
+    }
+
+    fn len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| Error::io(format!("Could not stat '{}'", self.path.display()), e))
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(format!("Could not resize '{}'", self.path.display()), e))
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by self.file.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        Ok(rc == 0)
+    }
+
+    fn data_or_hole(&self, offset: u64) -> Result<Option<(bool, u64)>> {
+        let fd = self.file.as_raw_fd();
+        let size = self.len()?;
+        if offset >= size {
+            return Ok(Some((false, u64::MAX)));
+        }
+        // SAFETY: lseek takes integers only; pread/pwrite ignore the file position it moves.
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // ENXIO: no data after offset, the rest of the file is a hole.
+                Some(libc::ENXIO) => Ok(Some((false, size))),
+                _ => Ok(None),
+            };
+        }
+        let data = data as u64;
+        if data > offset {
+            return Ok(Some((false, data)));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Ok(None);
+        }
+        Ok(Some((true, (hole as u64).max(offset + 1))))
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// The permissions QEMU expresses as lock bytes (block/file-posix.c, `BLK_PERM_*` bit numbers).
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+enum Permission {
+    ConsistentRead = 0,
+    Write = 1,
+    WriteUnchanged = 2,
+    Resize = 3,
+}
+
+const ALL_PERMISSIONS: [Permission; 4] = [
+    Permission::ConsistentRead,
+    Permission::Write,
+    Permission::WriteUnchanged,
+    Permission::Resize,
+];
+
+/// QEMU locks byte `RAW_LOCK_PERM_BASE + bit` for each permission it holds...
+const RAW_LOCK_PERM_BASE: u64 = 100;
+/// ...and byte `RAW_LOCK_SHARED_BASE + bit` for each permission it does not share with others.
+const RAW_LOCK_SHARED_BASE: u64 = 200;
+
+/// How an image is opened, in QEMU's permission terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    /// Reader that lets others write (like `qemu-img info -U`): takes no lock.
+    None,
+    /// Reader that forbids writers (backing images, `qemu-img` reads).
+    SharedRead,
+    /// Writer: holds read+write, shares only reads and unchanged writes (like a running VM).
+    Write,
+}
+
+/// Takes QEMU-compatible open-file-description locks on `file`, or fails with `Busy` if another
+/// process (QEMU or imgstream) holds a conflicting permission.
+pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<()> {
+    let (held, unshared): (&[Permission], &[Permission]) = match mode {
+        LockMode::None => return Ok(()),
+        LockMode::SharedRead => (
+            &[Permission::ConsistentRead],
+            &[Permission::Write, Permission::Resize],
+        ),
+        LockMode::Write => (
+            &[Permission::ConsistentRead, Permission::Write, Permission::Resize],
+            &[Permission::Write, Permission::Resize],
+        ),
+    };
+    let fd = file.as_raw_fd();
+    // Take our bytes first: OFD locks of one description never conflict with themselves, and
+    // holding them before testing closes the window in which two openers both see no conflict.
+    for perm in held {
+        set_read_lock(fd, RAW_LOCK_PERM_BASE + *perm as u64, path)?;
+    }
+    for perm in unshared {
+        set_read_lock(fd, RAW_LOCK_SHARED_BASE + *perm as u64, path)?;
+    }
+    for perm in held {
+        if locked_by_other(fd, RAW_LOCK_SHARED_BASE + *perm as u64, path)? {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "Failed to get \"{}\" lock: is another process using the image [{}]?",
+                    permission_name(*perm),
+                    path.display()
+                ),
+            ));
+        }
+    }
+    for perm in ALL_PERMISSIONS {
+        let shared = !unshared.iter().any(|p| *p as u32 == perm as u32);
+        if !shared && locked_by_other(fd, RAW_LOCK_PERM_BASE + perm as u64, path)? {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "Failed to get shared \"{}\" lock: is another process using the image [{}]?",
+                    permission_name(perm),
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn permission_name(perm: Permission) -> &'static str {
+    match perm {
+        Permission::ConsistentRead => "consistent read",
+        Permission::Write => "write",
+        Permission::WriteUnchanged => "write unchanged",
+        Permission::Resize => "resize",
+    }
+}
+
+fn lock_struct(byte: u64, kind: i32) -> libc::flock {
+    // SAFETY: flock is plain old data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    fl
+}
+
+fn set_read_lock(fd: i32, byte: u64, path: &Path) -> Result<()> {
+    let mut fl = lock_struct(byte, libc::F_RDLCK);
+    // SAFETY: fcntl with F_OFD_SETLK reads the flock we own for the duration of the call.
+    let rc = unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &mut fl) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!("Failed to lock byte {byte} of '{}': {err}", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+fn locked_by_other(fd: i32, byte: u64, path: &Path) -> Result<bool> {
+    let mut fl = lock_struct(byte, libc::F_WRLCK);
+    // SAFETY: fcntl with F_OFD_GETLK writes only into the flock we own.
+    let rc = unsafe { libc::fcntl(fd, libc::F_OFD_GETLK, &mut fl) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(Error::io(
+            format!("Failed to test lock byte {byte} of '{}'", path.display()),
+            err,
+        ));
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}

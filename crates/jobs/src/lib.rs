@@ -1,0 +1,1 @@
+//! The job framework and the stream job.
