@@ -1,1 +1,132 @@
-//! The block layer: opening images and their backing chains, guest I/O, range locks.
+//! The block layer: an image opened with its backing chain ([`Disk`]), guest-level I/O on it
+//! (written once, above all formats), block status, and the copy-up primitive that the stream
+//! job and copy-on-read share. Range locks keep guest writes and copy-ups of the same clusters
+//! apart.
+
+pub mod chain;
+mod io;
+mod populate;
+pub mod range_lock;
+mod status;
+
+pub use chain::{ChainOptions, Layer, MAX_CHAIN_DEPTH};
+pub use imgstream_format::{
+    BackingRef, CheckReport, Error, ErrorKind, FormatKind, FormatSpecific, RepairMode, Result,
+};
+pub use populate::PopulateOutcome;
+pub use status::Status;
+
+use range_lock::RangeLocks;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// An image and its backing chain, as the guest sees it.
+#[derive(Debug)]
+pub struct Disk {
+    /// Top first. Replaced only when a stream job completes (with all I/O held).
+    layers: RwLock<Vec<Arc<Layer>>>,
+    locks: RangeLocks,
+    size: u64,
+    cluster_size: u64,
+    writable: bool,
+    /// While a stream job runs, guest reads copy up what layers `1..limit` define (0 = off).
+    copy_on_read_limit: AtomicUsize,
+}
+
+impl Disk {
+    /// Opens `path` with its backing chain.
+    pub fn open(path: &Path, options: &ChainOptions) -> Result<Disk> {
+        let layers = chain::open_chain(path, options)?;
+        Ok(Self::from_layers(layers, options.writable))
+    }
+
+    /// Builds a disk from already opened layers (top first).
+    pub fn from_layers(layers: Vec<Layer>, writable: bool) -> Disk {
+        let size = layers.first().map_or(0, |l| l.image.virtual_size());
+        let cluster_size = layers.first().map_or(512, |l| l.image.cluster_size());
+        Disk {
+            layers: RwLock::new(layers.into_iter().map(Arc::new).collect()),
+            locks: RangeLocks::new(),
+            size,
+            cluster_size,
+            writable,
+            copy_on_read_limit: AtomicUsize::new(0),
+        }
+    }
+
+    /// Guest-visible size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The top image's cluster size: the unit of allocation and of range locking.
+    pub fn cluster_size(&self) -> u64 {
+        self.cluster_size
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The layers as they are now, top first.
+    pub fn layers(&self) -> Vec<Arc<Layer>> {
+        self.read_layers().clone()
+    }
+
+    fn read_layers(&self) -> RwLockReadGuard<'_, Vec<Arc<Layer>>> {
+        self.layers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_layers(&self) -> RwLockWriteGuard<'_, Vec<Arc<Layer>>> {
+        self.layers.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Turns copy-on-read on for layers `1..limit` (guest reads then pull what those layers
+    /// define into the top), or off with 0.
+    pub fn set_copy_on_read(&self, limit: usize) {
+        self.copy_on_read_limit.store(limit, Ordering::SeqCst);
+    }
+
+    /// Rewrites the top's header to name `backing` (or nothing) and drops layers
+    /// `1..base_depth` from the chain. All guest I/O is held (not failed) meanwhile.
+    pub fn replace_backing(&self, base_depth: usize, backing: Option<&BackingRef>) -> Result<()> {
+        let mut layers = self.write_layers();
+        let top = layers
+            .first()
+            .ok_or_else(|| Error::invalid("Disk has no layers"))?
+            .clone();
+        top.image.flush()?;
+        top.image.set_backing(backing)?;
+        let end = base_depth.min(layers.len());
+        if end > 1 {
+            layers.drain(1..end);
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<()> {
+        if offset.checked_add(length).is_none_or(|end| end > self.size) {
+            return Err(Error::invalid(format!(
+                "Request at {offset} for {length} bytes is past the end of the disk ({} bytes)",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if !self.writable {
+            return Err(Error::new(ErrorKind::ReadOnly, "Disk is read-only"));
+        }
+        Ok(())
+    }
+
+    fn align_down(&self, value: u64) -> u64 {
+        value / self.cluster_size * self.cluster_size
+    }
+
+    fn align_up(&self, value: u64) -> u64 {
+        value.div_ceil(self.cluster_size) * self.cluster_size
+    }
+}

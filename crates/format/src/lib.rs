@@ -261,7 +261,11 @@ impl CreateOptions {
 }
 
 /// Creates an empty image of format `kind` on `storage` (which must be empty).
-pub fn create_format(kind: FormatKind, storage: &dyn Storage, options: &CreateOptions) -> Result<()> {
+pub fn create_format(
+    kind: FormatKind,
+    storage: &dyn Storage,
+    options: &CreateOptions,
+) -> Result<()> {
     if let Some(backing) = &options.backing {
         if backing.name.len() > MAX_BACKING_NAME {
             return Err(Error::invalid(format!(
@@ -275,9 +279,4 @@ pub fn create_format(kind: FormatKind, storage: &dyn Storage, options: &CreateOp
         FormatKind::Qed => qed::create(storage, options),
         FormatKind::Raw => raw::create(storage, options),
     }
-}
-
-/// Rounds `value` up to a multiple of `align` (a power of two).
-pub(crate) fn align_up(value: u64, align: u64) -> u64 {
-    (value + align - 1) & !(align - 1)
 }

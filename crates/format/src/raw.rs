@@ -108,7 +108,8 @@ impl ImageFormat for Raw {
     fn zero_clusters(&self, guest_offset: u64, count: u64) -> Result<bool> {
         let len = count * RAW_SECTOR;
         if !self.storage.punch_hole(guest_offset, len)? {
-            self.storage.write_at(guest_offset, &vec![0; len as usize])?;
+            self.storage
+                .write_at(guest_offset, &vec![0; len as usize])?;
         }
         Ok(true)
     }

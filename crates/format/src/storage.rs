@@ -220,7 +220,11 @@ pub fn lock_image(file: &File, path: &Path, mode: LockMode) -> Result<()> {
             &[Permission::Write, Permission::Resize],
         ),
         LockMode::Write => (
-            &[Permission::ConsistentRead, Permission::Write, Permission::Resize],
+            &[
+                Permission::ConsistentRead,
+                Permission::Write,
+                Permission::Resize,
+            ],
             &[Permission::Write, Permission::Resize],
         ),
     };

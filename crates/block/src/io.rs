@@ -1,0 +1,253 @@
+//! Guest I/O on a chain: reads fall through to lower layers, writes allocate with
+//! copy-on-write of partial clusters, zeroes become zero clusters where the format can.
+
+use crate::chain::Layer;
+use crate::{Disk, Error, Result};
+use imgstream_format::Mapping;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Largest guest range one allocation covers; bounds the bounce buffer of a write.
+const MAX_ALLOCATION_BYTES: u64 = 4 << 20;
+/// Size of the zero buffer used where zeroes have to be written as data.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// Reads guest bytes at `offset` as layer `depth` and those below see them.
+pub(crate) fn read_through(
+    layers: &[Arc<Layer>],
+    depth: usize,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let Some(layer) = layers.get(depth) else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let image = &layer.image;
+    let size = image.virtual_size();
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + done as u64;
+        let rest = buf.len() - done;
+        if pos >= size {
+            // A backing image shorter than its overlay reads as zeroes past its end.
+            buf[done..].fill(0);
+            break;
+        }
+        let extent = image.map(pos, rest as u64)?;
+        let n = (extent.length as usize).min(rest);
+        let piece = &mut buf[done..done + n];
+        match extent.mapping {
+            Mapping::Data { host_offset, .. } => image.storage().read_at(host_offset, piece)?,
+            Mapping::Zero { .. } => piece.fill(0),
+            Mapping::Compressed { descriptor } => {
+                let cluster_size = image.cluster_size();
+                let mut cluster = vec![0u8; cluster_size as usize];
+                image.read_compressed(descriptor, &mut cluster)?;
+                let within = (pos % cluster_size) as usize;
+                piece.copy_from_slice(&cluster[within..within + n]);
+            }
+            Mapping::Unallocated => read_through(layers, depth + 1, pos, piece)?,
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+impl Disk {
+    /// Reads guest bytes. While a stream job runs, ranges the top does not define yet are
+    /// copied up first (copy-on-read), so what the guest touches is pulled early.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let layers = self.read_layers();
+        let first = self.align_down(offset);
+        let last = self.align_up(offset + buf.len() as u64);
+        let limit = self.copy_on_read_limit.load(Ordering::SeqCst);
+        if limit > 1 && self.writable {
+            let _guard = self.locks.exclusive(first, last);
+            self.populate_locked(&layers, first, last.min(self.align_up(self.size)), limit)?;
+            return read_through(&layers, 0, offset, buf);
+        }
+        let _guard = self.locks.shared(first, last);
+        read_through(&layers, 0, offset, buf)
+    }
+
+    /// Writes guest bytes; with `fua`, they are durable when this returns.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let layers = self.read_layers();
+        let top = top_of(&layers)?;
+        if top.image.in_place() {
+            top.image.storage().write_at(offset, data)?;
+        } else {
+            let _guard = self.locks.exclusive(
+                self.align_down(offset),
+                self.align_up(offset + data.len() as u64),
+            );
+            self.write_locked(&layers, offset, data)?;
+        }
+        if fua {
+            top.image.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The write path once the clusters of the request are locked exclusively.
+    pub(crate) fn write_locked(
+        &self,
+        layers: &[Arc<Layer>],
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let image = &top_of(layers)?.image;
+        let cs = self.cluster_size;
+        let end = offset + data.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let extent = image.map(pos, end - pos)?;
+            let n = extent.length.min(end - pos);
+            if let Mapping::Data {
+                host_offset,
+                in_place: true,
+            } = extent.mapping
+            {
+                let from = (pos - offset) as usize;
+                image
+                    .storage()
+                    .write_at(host_offset, &data[from..from + n as usize])?;
+                pos += n;
+                continue;
+            }
+            // Allocate fresh clusters, fill the parts the request does not cover with what the
+            // guest saw there before, then point the clusters at them: data before metadata.
+            let first = self.align_down(pos);
+            let last = self
+                .align_up(pos + n)
+                .min(first + MAX_ALLOCATION_BYTES.max(cs));
+            let piece_end = last.min(end);
+            let count = (last - first) / cs;
+            let mut buffer = vec![0u8; (last - first) as usize];
+            if pos > first {
+                read_through(layers, 0, first, &mut buffer[..(pos - first) as usize])?;
+            }
+            if piece_end < last {
+                read_through(
+                    layers,
+                    0,
+                    piece_end,
+                    &mut buffer[(piece_end - first) as usize..],
+                )?;
+            }
+            buffer[(pos - first) as usize..(piece_end - first) as usize]
+                .copy_from_slice(&data[(pos - offset) as usize..(piece_end - offset) as usize]);
+            let host = image.allocate_clusters(count)?;
+            image.storage().write_at(host, &buffer)?;
+            image.map_clusters(first, host, count)?;
+            pos = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Makes guest bytes read as zeroes: whole clusters become zero clusters where the format
+    /// can record them (releasing their space), partial clusters are written.
+    pub fn write_zeroes(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, length)?;
+        if length == 0 {
+            return Ok(());
+        }
+        let layers = self.read_layers();
+        let top = top_of(&layers)?;
+        let end = offset + length;
+        let _guard = self
+            .locks
+            .exclusive(self.align_down(offset), self.align_up(end));
+        let whole_start = self.align_up(offset);
+        let whole_end = self.align_down(end).max(whole_start);
+        if whole_start > offset {
+            self.write_zero_data(&layers, offset, whole_start.min(end))?;
+        }
+        if whole_end > whole_start {
+            let count = (whole_end - whole_start) / self.cluster_size;
+            let recorded = top.image.zero_clusters(whole_start, count)?;
+            if !recorded {
+                if layers.len() == 1 {
+                    // Without a backing image, unallocated clusters read as zeroes.
+                    top.image.unmap_clusters(whole_start, count)?;
+                } else {
+                    self.write_zero_data(&layers, whole_start, whole_end)?;
+                }
+            }
+        }
+        if end > whole_end && whole_end >= whole_start && end > whole_start {
+            self.write_zero_data(&layers, whole_end, end)?;
+        }
+        if fua {
+            top.image.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_data(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK.min(end - start) as usize];
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(ZERO_CHUNK);
+            let top = top_of(layers)?;
+            if top.image.in_place() {
+                top.image.storage().write_at(pos, &zeroes[..n as usize])?;
+            } else {
+                self.write_locked(layers, pos, &zeroes[..n as usize])?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Discards whole clusters: afterwards they read as zeroes (zero clusters, or unallocated
+    /// without a backing image, or a hole in a raw file). Partial clusters, and qcow2 v2
+    /// clusters over a backing image, are left as they are: discard is advisory.
+    pub fn discard(&self, offset: u64, length: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, length)?;
+        let layers = self.read_layers();
+        let top = top_of(&layers)?;
+        let start = self.align_up(offset);
+        let end = if offset + length == self.size {
+            self.align_up(self.size)
+        } else {
+            self.align_down(offset + length)
+        };
+        if end <= start {
+            return Ok(());
+        }
+        let _guard = self.locks.exclusive(start, end);
+        let count = (end - start) / self.cluster_size;
+        if !top.image.zero_clusters(start, count)? && layers.len() == 1 {
+            top.image.unmap_clusters(start, count)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let layers = self.read_layers();
+        top_of(&layers)?.image.flush()
+    }
+}
+
+pub(crate) fn top_of(layers: &[Arc<Layer>]) -> Result<&Arc<Layer>> {
+    layers
+        .first()
+        .ok_or_else(|| Error::invalid("Disk has no layers"))
+}

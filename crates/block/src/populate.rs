@@ -1,0 +1,165 @@
+//! Copy-up: pulling into the top what layers above a base define, cluster by cluster, under
+//! the range lock. The stream job and copy-on-read both use it; it re-checks the top's
+//! allocation under the lock, so it never overwrites what the guest wrote.
+
+use crate::chain::Layer;
+use crate::io::{read_through, top_of};
+use crate::status::allocated_above;
+use crate::{Disk, Result};
+use std::sync::Arc;
+
+/// What one copy-up did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PopulateOutcome {
+    /// Bytes written into the top as data.
+    pub copied: u64,
+    /// Bytes recorded in the top as zero clusters.
+    pub zeroed: u64,
+}
+
+impl PopulateOutcome {
+    fn add(&mut self, other: PopulateOutcome) {
+        self.copied += other.copied;
+        self.zeroed += other.zeroed;
+    }
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned bytes.
+        unsafe { bytes.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+impl Disk {
+    /// Copies into the top every cluster of `[offset, offset + length)` that the top does not
+    /// define and that layers `1..limit` define (limit = index of the base, or the chain
+    /// length for a full stream). Holds the clusters exclusively while it works.
+    pub fn populate(&self, offset: u64, length: u64, limit: usize) -> Result<PopulateOutcome> {
+        self.check_writable()?;
+        let first = self.align_down(offset);
+        let last = self
+            .align_up(offset.saturating_add(length))
+            .min(self.align_up(self.size));
+        if last <= first {
+            return Ok(PopulateOutcome::default());
+        }
+        let layers = self.read_layers();
+        let _guard = self.locks.exclusive(first, last);
+        self.populate_locked(&layers, first, last, limit)
+    }
+
+    /// Copy-up of the cluster-aligned `[first, last)`, which the caller holds exclusively.
+    pub(crate) fn populate_locked(
+        &self,
+        layers: &[Arc<Layer>],
+        first: u64,
+        last: u64,
+        limit: usize,
+    ) -> Result<PopulateOutcome> {
+        let mut outcome = PopulateOutcome::default();
+        let limit = limit.min(layers.len());
+        if limit <= 1 {
+            return Ok(outcome);
+        }
+        let top = &top_of(layers)?.image;
+        let mut pos = first;
+        while pos < last {
+            let extent = top.map(pos, last - pos)?;
+            let end = self.align_up(pos + extent.length).min(last);
+            if !extent.mapping.is_allocated() {
+                let mut sub = pos;
+                while sub < end {
+                    let (defined, run_end) = self.cluster_run_above(layers, limit, sub, end)?;
+                    if defined {
+                        outcome.add(self.copy_up(layers, sub, run_end)?);
+                    }
+                    sub = run_end;
+                }
+            }
+            pos = end;
+        }
+        Ok(outcome)
+    }
+
+    /// From cluster-aligned `start`, a run of whole clusters that layers `1..limit` either
+    /// define (partly is enough) or do not define at all.
+    fn cluster_run_above(
+        &self,
+        layers: &[Arc<Layer>],
+        limit: usize,
+        start: u64,
+        end: u64,
+    ) -> Result<(bool, u64)> {
+        let (defined, run) = allocated_above(layers, 1, limit, start, end - start)?;
+        if defined {
+            return Ok((true, self.align_up(start + run).min(end)));
+        }
+        let down = self.align_down(start + run);
+        if down > start {
+            return Ok((false, down));
+        }
+        // Undefined for less than a cluster: the cluster is copied if anything in it is defined.
+        let cluster_end = (start + self.cluster_size).min(end);
+        let mut pos = start + run;
+        while pos < cluster_end {
+            let (defined, run) = allocated_above(layers, 1, limit, pos, cluster_end - pos)?;
+            if defined {
+                return Ok((true, cluster_end));
+            }
+            pos += run;
+        }
+        Ok((false, cluster_end))
+    }
+
+    /// Copies the guest content of whole clusters `[start, end)` into the top: clusters that
+    /// read as zeroes become zero clusters (never zero-filled data, where the format can).
+    fn copy_up(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<PopulateOutcome> {
+        let top = &top_of(layers)?.image;
+        let cs = self.cluster_size;
+        let mut buffer = vec![0u8; (end - start) as usize];
+        read_through(layers, 1, start, &mut buffer)?;
+        let mut outcome = PopulateOutcome::default();
+        let mut run_start = start;
+        while run_start < end {
+            let zero = is_zero(&buffer[(run_start - start) as usize..][..cs as usize]);
+            let mut run_end = run_start + cs;
+            while run_end < end
+                && is_zero(&buffer[(run_end - start) as usize..][..cs as usize]) == zero
+            {
+                run_end += cs;
+            }
+            let count = (run_end - run_start) / cs;
+            if zero && top.zero_clusters(run_start, count)? {
+                outcome.zeroed += run_end - run_start;
+            } else {
+                let host = top.allocate_clusters(count)?;
+                top.storage().write_at(
+                    host,
+                    &buffer[(run_start - start) as usize..(run_end - start) as usize],
+                )?;
+                top.map_clusters(run_start, host, count)?;
+                outcome.copied += run_end - run_start;
+            }
+            run_start = run_end;
+        }
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_zero;
+
+    #[test]
+    fn zero_detection_sees_a_single_set_byte_anywhere() {
+        let mut buffer = vec![0u8; 4099];
+        assert!(is_zero(&buffer));
+        for at in [0, 1, 7, 8, 2048, 4095, 4098] {
+            buffer[at] = 1;
+            assert!(!is_zero(&buffer[..]), "byte {at}");
+            buffer[at] = 0;
+        }
+    }
+}
