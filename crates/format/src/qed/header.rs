@@ -114,7 +114,7 @@ impl Header {
         }
         validate_image_size(self.image_size, self.cluster_size(), self.table_size())
             .map_err(Error::corrupt)?;
-        if self.l1_table_offset % self.cluster_size() != 0 {
+        if !is_aligned(self.l1_table_offset, self.cluster_size()) {
             return Err(Error::corrupt(format!(
                 "QED l1_table_offset 0x{:x} is not aligned to the cluster size {}",
                 self.l1_table_offset, self.cluster_size
@@ -236,6 +236,11 @@ impl Header {
     }
 }
 
+/// Whether `value` is a multiple of `align`, a power of two.
+pub fn is_aligned(value: u64, align: u64) -> bool {
+    value & (align - 1) == 0
+}
+
 /// Largest image that tables of this geometry can map (`TABLE_NOFFSETS² × cluster_size`),
 /// saturated at `u64::MAX`.
 pub fn max_image_size(cluster_size: u64, table_size: u64) -> u64 {
@@ -276,7 +281,7 @@ pub fn validate_image_size(
     cluster_size: u64,
     table_size: u64,
 ) -> std::result::Result<(), String> {
-    if image_size % SECTOR_SIZE != 0 {
+    if !is_aligned(image_size, SECTOR_SIZE) {
         return Err(format!(
             "QED image_size {image_size} is not a multiple of {SECTOR_SIZE}"
         ));
@@ -289,4 +294,262 @@ pub fn validate_image_size(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    /// The header `qemu-img create -f qed a.qed 64M` writes (dumped with xxd).
+    const QEMU_DEFAULT_HEADER: [u8; HEADER_LEN] = [
+        0x51, 0x45, 0x44, 0x00, 0x00, 0x00, 0x01, 0x00, 0x04, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00,
+    ];
+
+    fn default_header() -> Header {
+        Header {
+            cluster_size: 65536,
+            table_size: 4,
+            header_size: 1,
+            features: 0,
+            compat_features: 0,
+            autoclear_features: 0,
+            l1_table_offset: 65536,
+            image_size: 64 << 20,
+            backing_filename_offset: 0,
+            backing_filename_size: 0,
+        }
+    }
+
+    /// Parses `header` after serialising it and expects an error of `kind` mentioning `needle`.
+    fn assert_rejected(header: Header, kind: ErrorKind, needle: &str) {
+        let err = parse_header(&header.to_bytes()).expect_err("header should be rejected");
+        assert_eq!(err.kind(), kind, "{err}");
+        assert!(
+            err.to_string().contains(needle),
+            "'{err}' should mention '{needle}'"
+        );
+    }
+
+    #[test]
+    fn parses_the_header_qemu_img_creates() {
+        let header = parse_header(&QEMU_DEFAULT_HEADER).unwrap();
+        assert_eq!(header, default_header());
+        assert_eq!(header.entries_per_table(), 32768);
+        assert_eq!(header.to_bytes(), QEMU_DEFAULT_HEADER);
+    }
+
+    #[test]
+    fn truncated_header_is_corrupt() {
+        let err = parse_header(&QEMU_DEFAULT_HEADER[..10]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+
+    #[test]
+    fn bad_magic_is_corrupt() {
+        let mut bytes = QEMU_DEFAULT_HEADER;
+        bytes[0] = b'X';
+        let err = parse_header(&bytes).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("magic"), "{err}");
+    }
+
+    #[test]
+    fn table_size_must_be_a_power_of_two_from_1_to_16() {
+        for bad in [0, 3, 32] {
+            let header = Header {
+                table_size: bad,
+                ..default_header()
+            };
+            assert_rejected(
+                header,
+                ErrorKind::Corrupt,
+                &format!("table_size {bad} out of range"),
+            );
+        }
+        for good in [1, 2, 4, 8, 16] {
+            let header = Header {
+                table_size: good,
+                ..default_header()
+            };
+            parse_header(&header.to_bytes()).unwrap();
+        }
+    }
+
+    #[test]
+    fn cluster_size_must_be_a_power_of_two_from_4k_to_64m() {
+        for bad in [0, 65535, 3 << 12, 2048, 1 << 27] {
+            let header = Header {
+                cluster_size: bad,
+                l1_table_offset: 1 << 27,
+                ..default_header()
+            };
+            assert_rejected(header, ErrorKind::Corrupt, &format!("cluster_size {bad}"));
+        }
+    }
+
+    #[test]
+    fn l1_table_offset_must_be_cluster_aligned_and_past_the_header() {
+        let unaligned = Header {
+            l1_table_offset: 65536 + 512,
+            ..default_header()
+        };
+        assert_rejected(
+            unaligned,
+            ErrorKind::Corrupt,
+            "l1_table_offset 0x10200 is not aligned",
+        );
+        let in_header = Header {
+            l1_table_offset: 0,
+            ..default_header()
+        };
+        assert_rejected(in_header, ErrorKind::Corrupt, "inside the header");
+    }
+
+    #[test]
+    fn header_size_zero_is_corrupt() {
+        let header = Header {
+            header_size: 0,
+            ..default_header()
+        };
+        assert_rejected(header, ErrorKind::Corrupt, "header_size 0");
+    }
+
+    #[test]
+    fn backing_name_must_fit_in_the_header_clusters() {
+        let header = Header {
+            features: FEATURE_BACKING_FILE,
+            backing_filename_offset: 65536 - 4,
+            backing_filename_size: 8,
+            ..default_header()
+        };
+        assert_rejected(header, ErrorKind::Corrupt, "extends past the header");
+    }
+
+    #[test]
+    fn backing_name_longer_than_1023_bytes_is_corrupt() {
+        let header = Header {
+            features: FEATURE_BACKING_FILE,
+            backing_filename_offset: 64,
+            backing_filename_size: 1024,
+            ..default_header()
+        };
+        assert_rejected(
+            header,
+            ErrorKind::Corrupt,
+            "backing file name too long (1024 bytes",
+        );
+    }
+
+    #[test]
+    fn backing_fields_are_ignored_without_the_backing_feature() {
+        let header = Header {
+            backing_filename_offset: u32::MAX,
+            backing_filename_size: u32::MAX,
+            ..default_header()
+        };
+        assert_eq!(
+            parse_header(&header.to_bytes())
+                .unwrap()
+                .backing_name_range(),
+            None
+        );
+    }
+
+    #[test]
+    fn unknown_feature_bits_are_unsupported_and_named() {
+        let header = Header {
+            features: FEATURE_BACKING_FILE | 0x30,
+            backing_filename_offset: 64,
+            ..default_header()
+        };
+        assert_rejected(header, ErrorKind::Unsupported, "0x30");
+    }
+
+    #[test]
+    fn unknown_compat_and_autoclear_bits_are_accepted() {
+        let header = Header {
+            compat_features: 0xff,
+            autoclear_features: 0xff,
+            ..default_header()
+        };
+        parse_header(&header.to_bytes()).unwrap();
+    }
+
+    #[test]
+    fn image_size_must_be_mappable_by_the_tables() {
+        // 4 KiB clusters, 1-cluster tables: 512 entries each, at most 512 * 512 * 4 KiB = 1 GiB.
+        let small = Header {
+            cluster_size: 4096,
+            table_size: 1,
+            l1_table_offset: 4096,
+            image_size: 1 << 30,
+            ..default_header()
+        };
+        parse_header(&small.to_bytes()).unwrap();
+        let too_large = Header {
+            image_size: (1 << 30) + 512,
+            ..small
+        };
+        assert_rejected(too_large, ErrorKind::Corrupt, "too large for the tables");
+    }
+
+    #[test]
+    fn image_size_must_be_a_multiple_of_512() {
+        let header = Header {
+            image_size: 1000,
+            ..default_header()
+        };
+        assert_rejected(
+            header,
+            ErrorKind::Corrupt,
+            "image_size 1000 is not a multiple of 512",
+        );
+    }
+
+    #[test]
+    fn largest_geometry_does_not_overflow() {
+        assert_eq!(max_image_size(MAX_CLUSTER_SIZE, MAX_TABLE_SIZE), u64::MAX);
+        let header = Header {
+            cluster_size: MAX_CLUSTER_SIZE as u32,
+            table_size: MAX_TABLE_SIZE as u32,
+            l1_table_offset: MAX_CLUSTER_SIZE,
+            image_size: u64::MAX - 511,
+            ..default_header()
+        };
+        parse_header(&header.to_bytes()).unwrap();
+    }
+
+    #[test]
+    fn layout_must_fit_in_the_file() {
+        let header = default_header();
+        let err = header.validate_layout(4096).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        let err = header.validate_layout(65536 * 4).unwrap_err();
+        assert!(err.to_string().contains("L1 table at 0x10000"), "{err}");
+        header.validate_layout(65536 * 5).unwrap();
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..20_000 {
+            let mut bytes = QEMU_DEFAULT_HEADER;
+            for _ in 0..rng.gen_range(1..6) {
+                let at = rng.gen_range(0..HEADER_LEN);
+                bytes[at] = rng.gen();
+            }
+            let len = rng.gen_range(0..=HEADER_LEN);
+            if let Ok(header) = parse_header(&bytes[..len]) {
+                let _ = header.validate_layout(rng.gen());
+                assert!(header.entries_per_table() > 0);
+            }
+        }
+    }
 }

@@ -19,7 +19,8 @@ use crate::{
     RepairMode, Storage, MAX_BACKING_NAME,
 };
 use header::{
-    FEATURE_BACKING_FILE, FEATURE_BACKING_FORMAT_NO_PROBE, FEATURE_NEED_CHECK, HEADER_LEN,
+    is_aligned, FEATURE_BACKING_FILE, FEATURE_BACKING_FORMAT_NO_PROBE, FEATURE_NEED_CHECK,
+    HEADER_LEN,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -307,7 +308,7 @@ impl Qed {
         match last_cluster_start {
             Some(last)
                 if count > 0
-                    && guest_offset % self.cluster_size == 0
+                    && is_aligned(guest_offset, self.cluster_size)
                     && last < self.virtual_size =>
             {
                 Ok(())
@@ -491,7 +492,7 @@ impl ImageFormat for Qed {
         self.check_guest_range(guest_offset, count)?;
         let mut meta = self.lock();
         let host_end = host_offset.saturating_add(count.saturating_mul(self.cluster_size));
-        if host_offset % self.cluster_size != 0
+        if !is_aligned(host_offset, self.cluster_size)
             || host_offset < meta.header.header_bytes()
             || host_end > self.file_end()
         {
@@ -587,5 +588,448 @@ impl ImageFormat for Qed {
         }
         let mut meta = self.lock();
         self.check_locked(&mut meta, fix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CreateOptions, FileStorage};
+    use std::path::{Path, PathBuf};
+
+    const RW: OpenOptions = OpenOptions { writable: true };
+    const RO: OpenOptions = OpenOptions { writable: false };
+
+    fn new_image(dir: &Path, options: &CreateOptions) -> PathBuf {
+        let path = dir.join("test.qed");
+        create(&FileStorage::create(&path).unwrap(), options).unwrap();
+        path
+    }
+
+    fn open_path(path: &Path, options: OpenOptions) -> Result<Qed> {
+        Qed::open(
+            Arc::new(FileStorage::open(path, options.writable)?),
+            options,
+        )
+    }
+
+    fn small_options() -> CreateOptions {
+        CreateOptions {
+            cluster_size: Some(4096),
+            ..CreateOptions::new(64 << 20)
+        }
+    }
+
+    /// Rewrites the header fields of the image at `path`.
+    fn patch_header(path: &Path, patch: impl FnOnce(&mut Header)) {
+        let mut bytes = std::fs::read(path).unwrap();
+        let mut header = parse_header(&bytes).unwrap();
+        patch(&mut header);
+        bytes[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// Writes `pattern` into fresh clusters and maps them at `guest`.
+    fn write_clusters(qed: &Qed, guest: u64, count: u64, pattern: u8) -> u64 {
+        let host = qed.allocate_clusters(count).unwrap();
+        let data = vec![pattern; (count * qed.cluster_size()) as usize];
+        qed.storage().write_at(host, &data).unwrap();
+        qed.map_clusters(guest, host, count).unwrap();
+        host
+    }
+
+    #[test]
+    fn bad_headers_fail_to_open_and_leave_the_file_untouched() {
+        type Patch = fn(&mut Header);
+        let cases: &[(&str, Patch, ErrorKind, &str)] = &[
+            (
+                "bad table_size",
+                |h| h.table_size = 3,
+                ErrorKind::Corrupt,
+                "table_size 3",
+            ),
+            (
+                "bad cluster_size",
+                |h| h.cluster_size = 1000,
+                ErrorKind::Corrupt,
+                "cluster_size 1000",
+            ),
+            (
+                "unknown features",
+                |h| h.features = 0x100,
+                ErrorKind::Unsupported,
+                "0x100",
+            ),
+            (
+                "l1 unaligned",
+                |h| h.l1_table_offset = 4097,
+                ErrorKind::Corrupt,
+                "not aligned",
+            ),
+            (
+                "l1 past EOF",
+                |h| h.l1_table_offset = 1 << 30,
+                ErrorKind::Corrupt,
+                "past the end of the file",
+            ),
+            (
+                "image too large",
+                |h| h.image_size = 1 << 50,
+                ErrorKind::Corrupt,
+                "too large for the tables",
+            ),
+            (
+                "header past EOF",
+                |h| {
+                    h.header_size = 100;
+                    h.l1_table_offset = 100 * 4096;
+                },
+                ErrorKind::Corrupt,
+                "truncated",
+            ),
+            (
+                "backing name past header",
+                |h| {
+                    h.features = FEATURE_BACKING_FILE;
+                    h.backing_filename_offset = 4090;
+                    h.backing_filename_size = 10;
+                },
+                ErrorKind::Corrupt,
+                "extends past the header",
+            ),
+        ];
+        for (what, patch, kind, needle) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = new_image(dir.path(), &small_options());
+            patch_header(&path, patch);
+            let before = std::fs::read(&path).unwrap();
+            for options in [RW, RO] {
+                let err = open_path(&path, options).expect_err(what);
+                assert_eq!(err.kind(), *kind, "{what}: {err}");
+                assert!(
+                    err.to_string().contains(needle),
+                    "{what}: '{err}' lacks '{needle}'"
+                );
+            }
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                before,
+                "{what}: file changed"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_file_fails_to_open_and_is_not_extended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short.qed");
+        std::fs::write(&path, b"QED\0\0\0\x01\0").unwrap();
+        let err = open_path(&path, RW).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("truncated: 8 bytes"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"QED\0\0\0\x01\0");
+    }
+
+    #[test]
+    fn fresh_image_maps_as_one_unallocated_extent() {
+        let dir = tempfile::tempdir().unwrap();
+        let qed = open_path(&new_image(dir.path(), &small_options()), RO).unwrap();
+        let extent = qed.map(0, u64::MAX).unwrap();
+        assert_eq!(extent.mapping, Mapping::Unallocated);
+        assert_eq!(extent.length, 64 << 20);
+        let extent = qed.map(1000, 10).unwrap();
+        assert_eq!((extent.mapping, extent.length), (Mapping::Unallocated, 10));
+        assert_eq!(
+            qed.map(64 << 20, 1).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn mapped_zeroed_and_unmapped_clusters_read_back_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), &small_options());
+        let qed = open_path(&path, RW).unwrap();
+        let host = write_clusters(&qed, 8192, 3, 0xab);
+        assert!(qed.zero_clusters(5 * 4096, 2).unwrap());
+        write_clusters(&qed, 10 * 4096, 1, 0xcd);
+        assert!(qed.unmap_clusters(10 * 4096, 1).unwrap());
+        qed.flush().unwrap();
+        drop(qed);
+
+        let qed = open_path(&path, RO).unwrap();
+        let expect = [
+            (0, Mapping::Unallocated, 8192),
+            (
+                8192,
+                Mapping::Data {
+                    host_offset: host,
+                    in_place: true,
+                },
+                3 * 4096,
+            ),
+            (5 * 4096, Mapping::Zero { host_offset: None }, 2 * 4096),
+            (7 * 4096, Mapping::Unallocated, (64 << 20) - 7 * 4096),
+        ];
+        for (offset, mapping, length) in expect {
+            assert_eq!(
+                qed.map(offset, u64::MAX).unwrap(),
+                Extent { mapping, length }
+            );
+        }
+        // A query inside a data cluster starts at the matching host byte.
+        let extent = qed.map(8192 + 100, 50).unwrap();
+        assert_eq!(
+            extent.mapping,
+            Mapping::Data {
+                host_offset: host + 100,
+                in_place: true
+            }
+        );
+        assert_eq!(extent.length, 50);
+        let report = qed.check(RepairMode::None).unwrap();
+        assert_eq!((report.corruptions, report.allocated_clusters), (0, 3));
+        // The unmapped cluster's host space is leaked, as in QEMU.
+        assert_eq!(report.leaks, 1);
+    }
+
+    #[test]
+    fn evicted_dirty_tables_are_written_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), &small_options());
+        let storage = Arc::new(FileStorage::open(&path, true).unwrap());
+        let qed = Qed::open_with_cache(storage, RW, 2).unwrap();
+        // One L2 table covers 2048 clusters (8 MiB): touch 6 of them through a 2-table cache.
+        let span = 2048 * 4096;
+        for i in 0..6 {
+            write_clusters(&qed, i * span, 1, i as u8 + 1);
+        }
+        qed.flush().unwrap();
+        drop(qed);
+
+        let qed = open_path(&path, RO).unwrap();
+        for i in 0..6 {
+            let Mapping::Data { host_offset, .. } = qed.map(i * span, 4096).unwrap().mapping else {
+                panic!("cluster {i} lost");
+            };
+            let mut byte = [0];
+            qed.storage().read_at(host_offset, &mut byte).unwrap();
+            assert_eq!(byte[0], i as u8 + 1);
+        }
+        let report = qed.check(RepairMode::None).unwrap();
+        assert_eq!(
+            (report.corruptions, report.leaks),
+            (0, 0),
+            "{:?}",
+            report.messages
+        );
+    }
+
+    #[test]
+    fn flush_leaves_need_check_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), &small_options());
+        let qed = open_path(&path, RW).unwrap();
+        write_clusters(&qed, 0, 1, 1);
+        qed.flush().unwrap();
+        let header = parse_header(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(!header.needs_check());
+    }
+
+    #[test]
+    fn writable_open_repairs_a_need_check_image_and_clears_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), &small_options());
+        let qed = open_path(&path, RW).unwrap();
+        write_clusters(&qed, 0, 2, 7);
+        qed.flush().unwrap();
+        let l2 = qed.lock().l1[0];
+        drop(qed);
+        // Point entry 1 past the end of the file, as a torn write could, and mark NEED_CHECK.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let entry = l2 as usize + 8;
+        bytes[entry..entry + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        patch_header(&path, |h| h.features |= FEATURE_NEED_CHECK);
+        let before = std::fs::read(&path).unwrap();
+
+        let qed = open_path(&path, RO).unwrap();
+        assert_eq!(qed.map(4096, 4096).unwrap_err().kind(), ErrorKind::Corrupt);
+        let report = qed.check(RepairMode::None).unwrap();
+        assert_eq!(report.corruptions, 1);
+        assert!(
+            report.messages[0].contains("past the end"),
+            "{:?}",
+            report.messages
+        );
+        assert_eq!(
+            qed.check(RepairMode::All).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+        drop(qed);
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "read-only open wrote"
+        );
+
+        let qed = open_path(&path, RW).unwrap();
+        assert_eq!(qed.map(4096, 4096).unwrap().mapping, Mapping::Unallocated);
+        drop(qed);
+        let header = parse_header(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(!header.needs_check());
+        let report = open_path(&path, RO)
+            .unwrap()
+            .check(RepairMode::None)
+            .unwrap();
+        assert_eq!((report.corruptions, report.allocated_clusters), (0, 1));
+    }
+
+    #[test]
+    fn check_counts_a_cluster_referenced_twice_as_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), &small_options());
+        let qed = open_path(&path, RW).unwrap();
+        let host = write_clusters(&qed, 0, 1, 7);
+        qed.map_clusters(4096, host, 1).unwrap();
+        let report = qed.check(RepairMode::None).unwrap();
+        assert_eq!(report.corruptions, 1, "{:?}", report.messages);
+        assert!(report.messages[0].contains("more than once"));
+    }
+
+    #[test]
+    fn writable_open_clears_unknown_autoclear_bits_read_only_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), &small_options());
+        patch_header(&path, |h| h.autoclear_features = 0x8);
+        drop(open_path(&path, RO).unwrap());
+        assert_eq!(
+            parse_header(&std::fs::read(&path).unwrap())
+                .unwrap()
+                .autoclear_features,
+            8
+        );
+        drop(open_path(&path, RW).unwrap());
+        assert_eq!(
+            parse_header(&std::fs::read(&path).unwrap())
+                .unwrap()
+                .autoclear_features,
+            0
+        );
+    }
+
+    #[test]
+    fn set_backing_records_name_and_raw_format_and_can_drop_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), &small_options());
+        let qed = open_path(&path, RW).unwrap();
+        let raw = BackingRef {
+            name: "base.raw".into(),
+            format: Some("raw".into()),
+        };
+        qed.set_backing(Some(&raw)).unwrap();
+        assert_eq!(qed.backing(), Some(raw.clone()));
+        assert_eq!(open_path(&path, RO).unwrap().backing(), Some(raw));
+
+        let probed = BackingRef {
+            name: "base.qcow2".into(),
+            format: Some("qcow2".into()),
+        };
+        qed.set_backing(Some(&probed)).unwrap();
+        let header = parse_header(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(header.features, FEATURE_BACKING_FILE);
+        assert_eq!(
+            open_path(&path, RO).unwrap().backing(),
+            Some(BackingRef {
+                name: "base.qcow2".into(),
+                format: None
+            })
+        );
+
+        qed.set_backing(None).unwrap();
+        let header = parse_header(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!((header.features, header.backing_filename_size), (0, 0));
+        assert_eq!(open_path(&path, RO).unwrap().backing(), None);
+    }
+
+    #[test]
+    fn set_backing_refuses_a_name_too_long_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), &small_options());
+        let before = std::fs::read(&path).unwrap();
+        let qed = open_path(&path, RW).unwrap();
+        let long = BackingRef {
+            name: "x".repeat(1024),
+            format: None,
+        };
+        let err = qed.set_backing(Some(&long)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("too long (1024 bytes"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn read_only_image_refuses_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let qed = open_path(&new_image(dir.path(), &small_options()), RO).unwrap();
+        assert!(!qed.is_writable());
+        assert_eq!(
+            qed.allocate_clusters(1).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+        assert_eq!(
+            qed.zero_clusters(0, 1).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+    }
+
+    #[test]
+    fn map_clusters_rejects_ranges_it_did_not_allocate() {
+        let dir = tempfile::tempdir().unwrap();
+        let qed = open_path(&new_image(dir.path(), &small_options()), RW).unwrap();
+        let err = qed.map_clusters(0, 1 << 30, 1).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        let err = qed
+            .map_clusters(64 << 20, qed.allocate_clusters(1).unwrap(), 1)
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn validate_table_names_the_first_bad_entry() {
+        let header = parse_header(&{
+            let h = Header {
+                cluster_size: 4096,
+                table_size: 1,
+                header_size: 1,
+                features: 0,
+                compat_features: 0,
+                autoclear_features: 0,
+                l1_table_offset: 4096,
+                image_size: 1 << 20,
+                backing_filename_offset: 0,
+                backing_filename_size: 0,
+            };
+            h.to_bytes()
+        })
+        .unwrap();
+        validate_table(TableKind::L2, &[0, 1, 8192, 12288], &header, 16384).unwrap();
+        let err = validate_table(TableKind::L2, &[0, 8193], &header, 16384).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("entry 1: data cluster offset 0x2001"),
+            "{err}"
+        );
+        let err = validate_table(TableKind::L2, &[16384], &header, 16384).unwrap_err();
+        assert!(err.to_string().contains("past the end"), "{err}");
+        let err = validate_table(TableKind::L1, &[1], &header, 16384).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("L2 table offset 0x1 is not aligned"),
+            "{err}"
+        );
+        validate_table(TableKind::L1, &[4096 * 3], &header, 16384).unwrap();
+        let err = validate_table(TableKind::L1, &[4096 * 4], &header, 16384).unwrap_err();
+        assert!(err.to_string().contains("past the end"), "{err}");
     }
 }

@@ -1,6 +1,6 @@
 //! L1 and L2 tables: decoding, the validity rule for their entries, and the bounded L2 cache.
 
-use super::header::Header;
+use super::header::{is_aligned, Header};
 use crate::error::{Error, Result};
 use std::collections::hash_map::{Entry, HashMap};
 
@@ -53,7 +53,7 @@ pub fn check_entry(
         TableKind::L1 => ("L2 table", header.table_bytes()),
         TableKind::L2 => ("data cluster", header.cluster_size()),
     };
-    if entry % header.cluster_size() != 0 {
+    if !is_aligned(entry, header.cluster_size()) {
         return Err(format!(
             "{what} offset 0x{entry:x} is not aligned to the cluster size {}",
             header.cluster_size
