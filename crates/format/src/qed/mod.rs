@@ -282,7 +282,9 @@ impl Qed {
         let header = meta.header.clone();
         let file_end = self.file_end();
         let entries = self.l2_table(meta, l2_offset)?;
-        let entry = entries.get(l2_index).copied().unwrap_or(UNALLOCATED);
+        let entry = entries.get(l2_index).copied().ok_or_else(|| {
+            Error::corrupt(format!("QED L2 index {l2_index} is outside the table"))
+        })?;
         check_entry(TableKind::L2, entry, &header, file_end).map_err(|problem| {
             Error::corrupt(format!(
                 "QED L2 table at 0x{l2_offset:x}, entry {l2_index}: {problem}"
@@ -301,15 +303,13 @@ impl Qed {
 
     /// Checks that guest clusters `[guest_offset, +count)` are aligned and inside the disk.
     fn check_guest_range(&self, guest_offset: u64, count: u64) -> Result<()> {
-        let end = count
-            .checked_mul(self.cluster_size)
-            .and_then(|len| guest_offset.checked_add(len));
-        let last_cluster_start = end.map(|end| end - self.cluster_size.min(end));
-        match last_cluster_start {
+        let last_cluster = count
+            .checked_sub(1)
+            .and_then(|n| n.checked_mul(self.cluster_size))
+            .and_then(|n| guest_offset.checked_add(n));
+        match last_cluster {
             Some(last)
-                if count > 0
-                    && is_aligned(guest_offset, self.cluster_size)
-                    && last < self.virtual_size =>
+                if is_aligned(guest_offset, self.cluster_size) && last < self.virtual_size =>
             {
                 Ok(())
             }
@@ -407,6 +407,17 @@ impl Qed {
             self.storage.flush()?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Qed {
+    /// Writes back cached metadata, as closing an image in QEMU does. Errors cannot be
+    /// reported here; callers that care call [`ImageFormat::flush`] first. Losing this flush
+    /// loses no consistency, only the mappings made since the last one (their clusters leak).
+    fn drop(&mut self) {
+        if self.writable {
+            let _ = self.flush();
+        }
     }
 }
 

@@ -92,7 +92,7 @@ pub fn validate_table(
 
 /// An L2 table held in memory.
 #[derive(Debug)]
-pub struct CachedTable {
+pub(crate) struct CachedTable {
     /// The entries, newer than the disk when `dirty`.
     pub entries: Vec<u64>,
     /// Changed since it was last written.
@@ -106,7 +106,7 @@ pub struct CachedTable {
 /// Purely in memory: eviction hands a dirty table back to the caller, who must write it back
 /// in the crash-safe order before dropping it.
 #[derive(Debug)]
-pub struct L2Cache {
+pub(crate) struct L2Cache {
     tables: HashMap<u64, CachedTable>,
     capacity: usize,
     clock: u64,
