@@ -103,8 +103,9 @@ impl Qed {
         let cache_tables = cache_tables
             .min((L2_CACHE_BYTES / header.table_bytes()).max(2) as usize)
             .max(1);
-        let qed = Qed {
-            writable: options.writable,
+        let mut qed = Qed {
+            // Until the image is prepared for writing: dropping it on an error must not flush.
+            writable: false,
             cluster_size: header.cluster_size(),
             virtual_size: header.image_size,
             next_free: AtomicU64::new(file_len - file_len % header.cluster_size()),
@@ -119,6 +120,7 @@ impl Qed {
         };
         if options.writable {
             qed.prepare_for_writing()?;
+            qed.writable = true;
         }
         Ok(qed)
     }
@@ -131,7 +133,8 @@ impl Qed {
             let mut header = meta.header.clone();
             header.autoclear_features = 0;
             self.write_header(&mut meta, header)?;
-            // Make the cleared bits durable before we write anything they might describe.
+            // An autoclear bit vouches for data we do not maintain: the clear must be durable
+            // before our first change could break what it vouched for.
             self.storage.flush()?;
         }
         if meta.header.needs_check() {
@@ -906,6 +909,24 @@ mod tests {
         let report = qed.check(RepairMode::None).unwrap();
         assert_eq!(report.corruptions, 1, "{:?}", report.messages);
         assert!(report.messages[0].contains("more than once"));
+    }
+
+    #[test]
+    fn writable_open_refuses_an_image_with_unrepairable_corruption_and_keeps_need_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = new_image(dir.path(), &small_options());
+        let qed = open_path(&path, RW).unwrap();
+        let host = write_clusters(&qed, 0, 1, 7);
+        qed.map_clusters(4096, host, 1).unwrap();
+        drop(qed);
+        patch_header(&path, |h| h.features |= FEATURE_NEED_CHECK);
+
+        let err = open_path(&path, RW).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert!(err.to_string().contains("1 corruption(s)"), "{err}");
+        assert!(parse_header(&std::fs::read(&path).unwrap())
+            .unwrap()
+            .needs_check());
     }
 
     #[test]
