@@ -29,7 +29,9 @@ fn fails_naming_problem(args: &[String], file: &Path, naming: Naming) -> Result<
     let message = out.stderr.to_lowercase();
     for group in naming {
         ensure!(
-            group.iter().any(|word| message.contains(&word.to_lowercase())),
+            group
+                .iter()
+                .any(|word| message.contains(&word.to_lowercase())),
             "{}: the error message should mention one of {group:?}:\n{}",
             out.command,
             out.describe()
@@ -67,13 +69,21 @@ fn header(d: &Damaged, naming: Naming) -> Result<()> {
 
 const L1: Naming = &[&["l1"]];
 const REFCOUNT_TABLE: Naming = &[&["refcount", "reference count"]];
-const CLUSTER_SIZE: Naming = &[&["cluster size", "cluster_size", "cluster_bits", "cluster bits"]];
+const CLUSTER_SIZE: Naming = &[&[
+    "cluster size",
+    "cluster_size",
+    "cluster_bits",
+    "cluster bits",
+]];
 
 #[test]
 fn qcow2_header_truncated_at_50_bytes_is_rejected() -> Result<()> {
     let t = tempfile::tempdir()?;
     let d = damaged::truncated_qcow2_header(t.path())?;
-    header(&d, &[&["short", "truncat", "too small", "end of file", "eof"]])
+    header(
+        &d,
+        &[&["short", "truncat", "too small", "end of file", "eof"]],
+    )
 }
 
 #[test]
@@ -88,7 +98,10 @@ fn qcow2_bad_magic_is_rejected() -> Result<()> {
 #[test]
 fn qcow2_version_1_is_rejected() -> Result<()> {
     let t = tempfile::tempdir()?;
-    header(&damaged::qcow2_version(t.path(), 1)?, &[&["version"], &["1"]])
+    header(
+        &damaged::qcow2_version(t.path(), 1)?,
+        &[&["version"], &["1"]],
+    )
 }
 
 #[test]
@@ -169,7 +182,11 @@ fn qcow2_unknown_incompatible_feature_bit_10_is_rejected_and_named() -> Result<(
 #[test]
 fn missing_backing_file_is_rejected_naming_it() -> Result<()> {
     let t = tempfile::tempdir()?;
-    rejected(&damaged::qcow2_missing_backing(t.path())?, true, &[&["base.raw"]])
+    rejected(
+        &damaged::qcow2_missing_backing(t.path())?,
+        true,
+        &[&["base.raw"]],
+    )
 }
 
 #[test]
@@ -213,7 +230,10 @@ fn qed_table_size_32_is_rejected() -> Result<()> {
 #[test]
 fn qed_cluster_size_not_a_power_of_two_is_rejected() -> Result<()> {
     let t = tempfile::tempdir()?;
-    header(&damaged::qed_cluster_size(t.path(), 12 * 1024)?, CLUSTER_SIZE)
+    header(
+        &damaged::qed_cluster_size(t.path(), 12 * 1024)?,
+        CLUSTER_SIZE,
+    )
 }
 
 /// The base is a real qcow2 file naming /etc/passwd as its backing file, but the overlay says
