@@ -174,7 +174,9 @@ impl Disk {
         if whole_start > offset {
             self.write_zero_data(&layers, offset, whole_start.min(end))?;
         }
-        if whole_end > whole_start {
+        if whole_end > whole_start && !top.image.releases_clusters() {
+            self.zero_without_release(&layers, whole_start, whole_end)?;
+        } else if whole_end > whole_start {
             let count = (whole_end - whole_start) / self.cluster_size;
             let recorded = top.image.zero_clusters(whole_start, count)?;
             if !recorded {
@@ -191,6 +193,27 @@ impl Disk {
         }
         if fua {
             top.image.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Whole clusters on a format that cannot release space: allocated clusters get zeroes
+    /// written in place (as QEMU's QED driver does), the others become zero clusters.
+    fn zero_without_release(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<()> {
+        let image = &top_of(layers)?.image;
+        let mut pos = start;
+        while pos < end {
+            let extent = image.map(pos, end - pos)?;
+            let run_end = self.align_up(pos + extent.length).min(end);
+            match extent.mapping {
+                Mapping::Data { .. } | Mapping::Compressed { .. } => {
+                    self.write_zero_data(layers, pos, run_end)?
+                }
+                _ => {
+                    image.zero_clusters(pos, (run_end - pos) / self.cluster_size)?;
+                }
+            }
+            pos = run_end;
         }
         Ok(())
     }
@@ -219,6 +242,10 @@ impl Disk {
         self.check_range(offset, length)?;
         let layers = self.read_layers();
         let top = top_of(&layers)?;
+        if !top.image.releases_clusters() {
+            // Discarding could only leak space; discard is advisory, so do nothing.
+            return Ok(());
+        }
         let start = self.align_up(offset);
         let end = if offset + length == self.size {
             self.align_up(self.size)

@@ -126,8 +126,9 @@ pub struct CheckReport {
     pub total_clusters: u64,
     pub compressed_clusters: u64,
     pub fragmented_clusters: u64,
-    /// Highest host byte in use.
-    pub image_end_offset: u64,
+    /// Highest host byte in use, for formats that report it (qcow2; `qemu-img check` prints
+    /// none for QED).
+    pub image_end_offset: Option<u64>,
 }
 
 /// Format-specific facts that `info` reports (`format-specific` in `qemu-img info`).
@@ -168,6 +169,13 @@ pub trait ImageFormat: Send + Sync + std::fmt::Debug {
     /// (raw): the block layer then writes in place whatever `map` says.
     fn in_place(&self) -> bool {
         false
+    }
+
+    /// False when host clusters, once allocated, can never be handed back (QED allocates only
+    /// at the end of the file): the block layer then zeroes allocated clusters in place and
+    /// treats discard as advisory, instead of leaking them.
+    fn releases_clusters(&self) -> bool {
+        true
     }
 
     /// Describes the guest range starting at `offset` (< virtual size), up to `max_length` bytes.

@@ -63,7 +63,9 @@ pub fn run(args: Args) -> Result<u8> {
     match args.output {
         Output::Json => {
             let mut out = Map::new();
-            out.insert("image-end-offset".into(), json!(report.image_end_offset));
+            if let Some(end) = report.image_end_offset {
+                out.insert("image-end-offset".into(), json!(end));
+            }
             out.insert("total-clusters".into(), json!(report.total_clusters));
             out.insert("check-errors".into(), json!(0));
             for (key, value) in [
@@ -120,7 +122,9 @@ pub fn run(args: Args) -> Result<u8> {
                 report.fragmented_clusters as f64 * 100.0 / report.allocated_clusters.max(1) as f64,
                 report.compressed_clusters as f64 * 100.0 / report.allocated_clusters.max(1) as f64,
             );
-            println!("Image end offset: {}", report.image_end_offset);
+            if let Some(end) = report.image_end_offset {
+                println!("Image end offset: {end}");
+            }
         }
         Output::Human => {}
     }

@@ -2,7 +2,7 @@
 //! the refcounts, as `qemu-img check` does; optionally repair.
 
 use super::header::{EXT_BITMAPS, MAX_L1_BYTES};
-use super::metadata::{Metadata, DESCRIPTOR_MASK, ENTRY_COMPRESSED, OFFSET_MASK};
+use super::metadata::{Metadata, DESCRIPTOR_MASK, ENTRY_COMPRESSED, ENTRY_COPIED, OFFSET_MASK};
 use crate::error::{Error, Result};
 use crate::{CheckReport, RepairMode};
 
@@ -161,6 +161,63 @@ pub fn check(meta: &mut Metadata, repair: RepairMode) -> Result<CheckReport> {
             report.leaks += 1;
         }
     }
-    report.image_end_offset = highest_used * cs;
+    report.image_end_offset = Some(highest_used * cs);
+    check_copied_flags(meta, repair, &mut report)?;
     Ok(report)
+}
+
+/// The COPIED flag of an L1 or L2 entry must be set exactly when the cluster's refcount is 1
+/// (qcow2.txt: "bit 63: 0 for ... refcount == 0 or > 1"), as qemu-img check verifies.
+fn check_copied_flags(
+    meta: &mut Metadata,
+    repair: RepairMode,
+    report: &mut CheckReport,
+) -> Result<()> {
+    let total = report.total_clusters;
+    for (l1_index, l1_entry) in meta.l1_entries().to_vec().into_iter().enumerate() {
+        let l2_offset = l1_entry & OFFSET_MASK;
+        if l2_offset == 0 || l2_offset % meta.cluster_size != 0 {
+            continue;
+        }
+        let refcount = meta.refcount(l2_offset / meta.cluster_size)?;
+        if (refcount == 1) != (l1_entry & ENTRY_COPIED != 0) {
+            report.messages.push(format!(
+                "ERROR OFLAG_COPIED L2 cluster: l1_index={l1_index} l1_entry={l1_entry:x} refcount={refcount}"
+            ));
+            if repair == RepairMode::All {
+                meta.rewrite_l1_entry(l1_index, l1_entry ^ ENTRY_COPIED);
+                report.corruptions_fixed += 1;
+            } else {
+                report.corruptions += 1;
+            }
+        }
+        let table = match meta.l2_table(l2_offset) {
+            Ok(table) => table,
+            Err(_) => continue,
+        };
+        for (l2_index, entry) in table.into_iter().enumerate() {
+            let guest_cluster = l1_index as u64 * meta.l2_entries_per_table() + l2_index as u64;
+            let offset = entry & OFFSET_MASK;
+            if guest_cluster >= total
+                || entry & ENTRY_COMPRESSED != 0
+                || offset == 0
+                || offset % meta.cluster_size != 0
+            {
+                continue;
+            }
+            let refcount = meta.refcount(offset / meta.cluster_size)?;
+            if (refcount == 1) != (entry & ENTRY_COPIED != 0) {
+                report.messages.push(format!(
+                    "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
+                ));
+                if repair == RepairMode::All {
+                    meta.rewrite_l2_entry(l2_offset, l2_index, entry ^ ENTRY_COPIED)?;
+                    report.corruptions_fixed += 1;
+                } else {
+                    report.corruptions += 1;
+                }
+            }
+        }
+    }
+    Ok(())
 }

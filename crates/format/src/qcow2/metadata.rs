@@ -768,6 +768,23 @@ impl Metadata {
         Ok(self.l2_cache.slots[&offset].table.clone())
     }
 
+    /// Overwrites entry `index` of the L2 table at `l2_offset` without releasing anything
+    /// (for check repairs of flags).
+    pub fn rewrite_l2_entry(&mut self, l2_offset: u64, index: usize, entry: u64) -> Result<()> {
+        self.load_l2(l2_offset)?;
+        if let Some(slot) = self.l2_cache.slots.get_mut(&l2_offset) {
+            slot.table[index] = entry;
+            slot.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Overwrites L1 entry `index` (for check repairs of flags).
+    pub fn rewrite_l1_entry(&mut self, index: usize, entry: u64) {
+        self.l1[index] = entry;
+        self.l1_dirty.insert(index as u64);
+    }
+
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
     }

@@ -54,7 +54,7 @@ impl Qed {
         let file_end = self.file_end();
         let mut report = CheckReport {
             total_clusters: header.image_size.div_ceil(cluster_size),
-            image_end_offset: self.storage.len()?,
+            image_end_offset: None,
             ..CheckReport::default()
         };
         let mut used = ClusterBitmap::new(file_end / cluster_size, cluster_size);

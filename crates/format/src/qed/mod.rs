@@ -522,6 +522,10 @@ impl ImageFormat for Qed {
         Ok(())
     }
 
+    fn releases_clusters(&self) -> bool {
+        false
+    }
+
     fn zero_clusters(&self, guest_offset: u64, count: u64) -> Result<bool> {
         self.ensure_writable()?;
         self.check_guest_range(guest_offset, count)?;
