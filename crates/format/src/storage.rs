@@ -16,6 +16,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn flush(&self) -> Result<()>;
     /// Current size in bytes.
     fn len(&self) -> Result<u64>;
+    /// Whether the storage holds no bytes at all.
+    fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Truncates or extends.
     fn set_len(&self, len: u64) -> Result<()>;
     /// Deallocates a range so that it reads as zeroes, if the storage can; returns whether it did.

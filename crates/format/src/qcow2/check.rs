@@ -33,7 +33,7 @@ impl ReferenceCounter<'_> {
     }
 
     fn aligned(&mut self, offset: u64, what: &str) -> bool {
-        if offset % self.cluster_size != 0 {
+        if !offset.is_multiple_of(self.cluster_size) {
             self.report.corruptions += 1;
             self.report.messages.push(format!(
                 "ERROR {what} offset {offset:#x} is not cluster aligned"
@@ -176,7 +176,7 @@ fn check_copied_flags(
     let total = report.total_clusters;
     for (l1_index, l1_entry) in meta.l1_entries().to_vec().into_iter().enumerate() {
         let l2_offset = l1_entry & OFFSET_MASK;
-        if l2_offset == 0 || l2_offset % meta.cluster_size != 0 {
+        if l2_offset == 0 || !l2_offset.is_multiple_of(meta.cluster_size) {
             continue;
         }
         let refcount = meta.refcount(l2_offset / meta.cluster_size)?;
@@ -201,7 +201,7 @@ fn check_copied_flags(
             if guest_cluster >= total
                 || entry & ENTRY_COMPRESSED != 0
                 || offset == 0
-                || offset % meta.cluster_size != 0
+                || !offset.is_multiple_of(meta.cluster_size)
             {
                 continue;
             }

@@ -177,7 +177,10 @@ impl Header {
             header.refcount_order = be32(bytes, 96);
             header.header_length = be32(bytes, 100);
             let length = header.header_length as u64;
-            if length < V3_MIN_HEADER_LENGTH as u64 || length % 8 != 0 || length > cluster_size {
+            if length < V3_MIN_HEADER_LENGTH as u64
+                || !length.is_multiple_of(8)
+                || length > cluster_size
+            {
                 return Err(Error::corrupt(format!(
                     "qcow2 header_length {length} invalid (at least {V3_MIN_HEADER_LENGTH}, a multiple of 8, within the first cluster)"
                 )));
@@ -292,7 +295,7 @@ impl Header {
 
     fn validate_layout(&self, file_size: u64) -> Result<()> {
         let cluster_size = self.cluster_size();
-        let aligned = |offset: u64| offset % cluster_size == 0;
+        let aligned = |offset: u64| offset.is_multiple_of(cluster_size);
         let l2_entries = cluster_size / 8;
         let max_size_for_l1 = (self.l1_size as u64)
             .saturating_mul(l2_entries)

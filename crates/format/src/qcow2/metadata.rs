@@ -193,7 +193,7 @@ impl Metadata {
             ))
         })?;
         let offset = entry & OFFSET_MASK;
-        if offset % self.cluster_size != 0 {
+        if !offset.is_multiple_of(self.cluster_size) {
             return Err(Error::corrupt(format!(
                 "L2 table offset {offset:#x} (L1 index {l1_index}) is not cluster aligned"
             )));
@@ -305,7 +305,7 @@ impl Metadata {
             });
         }
         let offset = entry & OFFSET_MASK;
-        if offset % self.cluster_size != 0 {
+        if !offset.is_multiple_of(self.cluster_size) {
             return Err(Error::corrupt(format!(
                 "Data cluster offset {offset:#x} of guest cluster {cluster} is not cluster aligned"
             )));
@@ -411,7 +411,7 @@ impl Metadata {
             slot.last_used = now;
             return Ok(());
         }
-        if offset % self.cluster_size != 0 {
+        if !offset.is_multiple_of(self.cluster_size) {
             return Err(Error::corrupt(format!(
                 "Refcount block offset {offset:#x} is not cluster aligned"
             )));

@@ -129,7 +129,7 @@ impl Qcow2 {
     }
 
     fn check_guest_range(&self, guest: u64, count: u64) -> Result<()> {
-        if guest % self.cluster_size != 0
+        if !guest.is_multiple_of(self.cluster_size)
             || guest.saturating_add(count.saturating_mul(self.cluster_size))
                 > self.size.div_ceil(self.cluster_size) * self.cluster_size
         {
