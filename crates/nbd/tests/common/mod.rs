@@ -253,7 +253,8 @@ pub fn require_tool(tool: &str) {
     let path = std::env::var_os("PATH").unwrap_or_default();
     if !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()) {
         let package = match tool {
-            "nbdinfo" | "nbdsh" | "nbdcopy" => "libnbd-bin",
+            "nbdinfo" | "nbdcopy" => "libnbd-bin",
+            "nbdsh" => "python3-libnbd",
             "fio" => "fio",
             _ => "qemu-utils",
         };
