@@ -39,7 +39,13 @@ fn nbdinfo_list_shows_exports_and_descriptions() {
         ("disk", export(&backend).description("the root disk")),
         ("base", export(&backend).read_only(true)),
     ]);
-    let out = run_ok("nbdinfo", &["--list", &format!("nbd+unix://?socket={}", ts.socket.display())]);
+    let out = run_ok(
+        "nbdinfo",
+        &[
+            "--list",
+            &format!("nbd+unix://?socket={}", ts.socket.display()),
+        ],
+    );
     assert!(out.contains("export=\"disk\""), "{out}");
     assert!(out.contains("export=\"base\""), "{out}");
     assert!(out.contains("the root disk"), "{out}");
@@ -62,7 +68,11 @@ fn nbdinfo_map_matches_the_backend_allocation() {
         .lines()
         .map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
         })
         .collect();
     let expected: Vec<(u64, u64, u32)> = expected_map(&backend)
@@ -87,9 +97,18 @@ print('beyond', errno_of(lambda: h.pread(512, {MIB} + 4096)))
 print('still-works', len(h.pread(512, 0)))"
             ),
         );
-        assert!(out.contains("past-end EINVAL"), "structured={structured}: {out}");
-        assert!(out.contains("beyond EINVAL"), "structured={structured}: {out}");
-        assert!(out.contains("still-works 512"), "structured={structured}: {out}");
+        assert!(
+            out.contains("past-end EINVAL"),
+            "structured={structured}: {out}"
+        );
+        assert!(
+            out.contains("beyond EINVAL"),
+            "structured={structured}: {out}"
+        );
+        assert!(
+            out.contains("still-works 512"),
+            "structured={structured}: {out}"
+        );
     }
 }
 
@@ -115,7 +134,10 @@ print('read', h.pread(4, 0))"
     assert!(out.contains("trim EPERM"), "{out}");
     assert!(out.contains("zero EPERM"), "{out}");
     assert!(out.contains("b'wwww'"), "{out}");
-    assert!(backend.bytes()[..4096].iter().all(|&b| b == 0x77), "read-only export was changed");
+    assert!(
+        backend.bytes()[..4096].iter().all(|&b| b == 0x77),
+        "read-only export was changed"
+    );
 }
 
 #[test]
@@ -126,7 +148,9 @@ fn nbdsh_structured_replies_are_negotiated_only_when_asked_for() {
     for (ask, expect) in [("True", "True"), ("False", "False")] {
         let out = nbdsh(
             &ts.uri("disk"),
-            &format!("h.set_request_structured_replies({ask})\nh.add_meta_context('base:allocation')"),
+            &format!(
+                "h.set_request_structured_replies({ask})\nh.add_meta_context('base:allocation')"
+            ),
             "print('structured', h.get_structured_replies_negotiated())
 print('meta', h.can_meta_context('base:allocation'))
 print('data', h.pread(2, 510) == b'\\x33\\x33')",
@@ -156,7 +180,10 @@ for s in seen: print(s)",
     );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
-    assert_eq!(lines[0], "('base:allocation', 0, [8192, 0, 8192, 2, 49152, 3])", "{out}");
+    assert_eq!(
+        lines[0], "('base:allocation', 0, [8192, 0, 8192, 2, 49152, 3])",
+        "{out}"
+    );
     assert_eq!(lines[1], "('base:allocation', 0, [8192, 0])", "{out}");
 }
 
@@ -181,7 +208,10 @@ print('slow', errno_of(lambda: h.zero(4096, 0)))"
     assert!(out.contains("fast ENOTSUP"), "{out}");
     assert!(out.contains("slow 0"), "{out}");
     let bytes = slow.bytes();
-    assert!(bytes[..4096].iter().all(|&b| b == 0), "the plain zero request ran");
+    assert!(
+        bytes[..4096].iter().all(|&b| b == 0),
+        "the plain zero request ran"
+    );
     assert!(bytes[4096..8192].iter().all(|&b| b == 9));
 }
 
@@ -213,10 +243,18 @@ print('verified', ok)",
     assert!(out.contains("verified True"), "{out}");
     for i in 0..64u64 {
         let at = (i * 65536) as usize;
-        assert!(backend.bytes()[at..at + 65536].iter().all(|&b| b == i as u8 + 1), "block {i}");
+        assert!(
+            backend.bytes()[at..at + 65536]
+                .iter()
+                .all(|&b| b == i as u8 + 1),
+            "block {i}"
+        );
     }
     let overlap = backend.max_in_flight.load(Ordering::SeqCst);
-    assert!(overlap > 1, "requests of one connection never ran concurrently");
+    assert!(
+        overlap > 1,
+        "requests of one connection never ran concurrently"
+    );
 }
 
 #[test]
@@ -234,12 +272,18 @@ fn nbdcopy_copies_into_and_out_of_the_export() {
 
     // nbdcopy opens several connections when the server allows multi-conn.
     run_ok("nbdcopy", &[source.to_str().unwrap(), &ts.uri("disk")]);
-    assert!(backend.bytes() == content, "export differs from the copied file");
+    assert!(
+        backend.bytes() == content,
+        "export differs from the copied file"
+    );
 
     let copy = ts.path("copy.raw");
     std::fs::write(&copy, []).unwrap();
     run_ok("nbdcopy", &[&ts.uri("disk"), copy.to_str().unwrap()]);
-    assert!(std::fs::read(&copy).unwrap() == content, "copy differs from the export");
+    assert!(
+        std::fs::read(&copy).unwrap() == content,
+        "copy differs from the export"
+    );
 }
 
 #[test]

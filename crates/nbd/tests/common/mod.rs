@@ -72,7 +72,8 @@ impl MemBackend {
 
     /// Writes `byte` over a range as data, bypassing the server.
     pub fn fill(&self, offset: u64, len: u64, byte: u8) {
-        self.write(offset, &vec![byte; len as usize], false).unwrap();
+        self.write(offset, &vec![byte; len as usize], false)
+            .unwrap();
     }
 
     /// Allocation runs of the whole disk as `(offset, len, state)`, merged.
@@ -141,7 +142,13 @@ impl ExportBackend for MemBackend {
         })
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, _fua: bool) -> Result<(), BackendError> {
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        _fua: bool,
+    ) -> Result<(), BackendError> {
         let mut mem = self.mem.lock().unwrap();
         mem.data[offset as usize..(offset + len) as usize].fill(0);
         let state = if may_unmap { State::Hole } else { State::Zero };
@@ -152,7 +159,8 @@ impl ExportBackend for MemBackend {
     fn trim(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         let mut mem = self.mem.lock().unwrap();
         let clusters = Self::whole_clusters(offset, len);
-        let bytes = clusters.start * CLUSTER as usize..(clusters.end * CLUSTER as usize).min(mem.data.len());
+        let bytes = clusters.start * CLUSTER as usize
+            ..(clusters.end * CLUSTER as usize).min(mem.data.len());
         if !clusters.is_empty() {
             mem.data[bytes].fill(0);
         }
@@ -173,7 +181,11 @@ impl ExportBackend for MemBackend {
         while at < end {
             let next = ((at / CLUSTER + 1) * CLUSTER).min(end);
             let state = mem.map[(at / CLUSTER) as usize];
-            runs.push(StatusRun { len: next - at, hole: state == State::Hole, zero: state != State::Data });
+            runs.push(StatusRun {
+                len: next - at,
+                hole: state == State::Hole,
+                zero: state != State::Data,
+            });
             at = next;
         }
         Ok(runs)
@@ -201,7 +213,11 @@ impl TestServer {
     pub fn start_with(config: ServerConfig, exports: Vec<(&str, Export)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let server = Server::new(config);
         for (name, export) in exports {
             server.add_export(name, export).unwrap();
@@ -214,7 +230,13 @@ impl TestServer {
             let server = server.clone();
             async move { server.serve_unix_listener(listener).await }
         });
-        TestServer { server, socket, dir, runtime: Some(runtime), serving: Some(serving) }
+        TestServer {
+            server,
+            socket,
+            dir,
+            runtime: Some(runtime),
+            serving: Some(serving),
+        }
     }
 
     pub fn uri(&self, export: &str) -> String {
@@ -225,8 +247,11 @@ impl TestServer {
     pub fn stop(&mut self) {
         self.server.shutdown();
         if let (Some(runtime), Some(serving)) = (&self.runtime, self.serving.take()) {
-            let done = runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), serving).await });
-            done.expect("server did not stop within 10 s").unwrap().unwrap();
+            let done = runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), serving).await });
+            done.expect("server did not stop within 10 s")
+                .unwrap()
+                .unwrap();
         }
     }
 
@@ -307,7 +332,9 @@ impl RawClient {
     /// Connects and reads the greeting, without answering it.
     pub fn greet(socket: &Path) -> Self {
         let stream = UnixStream::connect(socket).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut client = RawClient { stream };
         let greeting = client.read(18);
         assert_eq!(&greeting[0..8], &NBD_MAGIC.to_be_bytes());
@@ -349,11 +376,20 @@ impl RawClient {
                 other => panic!("NBD_OPT_GO failed with reply {other:#x}"),
             }
         }
-        (client, size.expect("no NBD_INFO_EXPORT before NBD_REP_ACK"), flags)
+        (
+            client,
+            size.expect("no NBD_INFO_EXPORT before NBD_REP_ACK"),
+            flags,
+        )
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends bytes the server may already have hung up on.
+    pub fn send_after_violation(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
     }
 
     pub fn read(&mut self, len: usize) -> Vec<u8> {
@@ -393,14 +429,25 @@ impl RawClient {
     /// Reads a simple reply header: (error, handle).
     pub fn simple_reply(&mut self) -> (u32, u64) {
         let head = self.read(16);
-        assert_eq!(&head[0..4], &NBD_SIMPLE_REPLY_MAGIC.to_be_bytes(), "not a simple reply");
-        (u32::from_be_bytes(head[4..8].try_into().unwrap()), u64::from_be_bytes(head[8..16].try_into().unwrap()))
+        assert_eq!(
+            &head[0..4],
+            &NBD_SIMPLE_REPLY_MAGIC.to_be_bytes(),
+            "not a simple reply"
+        );
+        (
+            u32::from_be_bytes(head[4..8].try_into().unwrap()),
+            u64::from_be_bytes(head[8..16].try_into().unwrap()),
+        )
     }
 
     /// Reads a structured reply chunk: (flags, type, handle, payload).
     pub fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
         let head = self.read(20);
-        assert_eq!(&head[0..4], &NBD_STRUCTURED_REPLY_MAGIC.to_be_bytes(), "not a structured reply");
+        assert_eq!(
+            &head[0..4],
+            &NBD_STRUCTURED_REPLY_MAGIC.to_be_bytes(),
+            "not a structured reply"
+        );
         let flags = u16::from_be_bytes([head[4], head[5]]);
         let kind = u16::from_be_bytes([head[6], head[7]]);
         let handle = u64::from_be_bytes(head[8..16].try_into().unwrap());
@@ -414,7 +461,10 @@ impl RawClient {
         match self.stream.read(&mut byte) {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe),
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
         }
     }
 }
@@ -434,8 +484,15 @@ pub fn assert_server_still_serves(socket: &Path, export: &str) {
 pub fn parse_qemu_img_map(json: &str) -> Vec<(u64, u64, bool, bool)> {
     let field = |obj: &str, name: &str| -> String {
         let key = format!("\"{name}\":");
-        let at = obj.find(&key).unwrap_or_else(|| panic!("no {name} in {obj}")) + key.len();
-        obj[at..].trim_start().chars().take_while(|c| c.is_alphanumeric()).collect()
+        let at = obj
+            .find(&key)
+            .unwrap_or_else(|| panic!("no {name} in {obj}"))
+            + key.len();
+        obj[at..]
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric())
+            .collect()
     };
     json.split('{')
         .skip(1)
