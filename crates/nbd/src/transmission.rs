@@ -440,10 +440,11 @@ where
         // Admission: a request slot, and room for its payload or read buffer,
         // before reading more from the client. A client that sends faster than
         // it reads replies is slowed down by its own socket buffer.
-        let buffer_len = if header.kind == NBD_CMD_READ {
-            header.len.min(MAX_PAYLOAD_SIZE)
-        } else {
-            payload_len
+        // Refused requests still hold their payload until it is read.
+        let checked = check_request(&header, &session);
+        let buffer_len = match checked {
+            Ok(Command::Read { len, .. }) => len,
+            _ => payload_len,
         };
         let permits = async {
             let request = Arc::clone(&requests).acquire_owned().await;
@@ -464,7 +465,6 @@ where
             Some(Ok(_)) => {}
         }
 
-        let checked = check_request(&header, &session);
         let (backend, writer, hangup) = (Arc::clone(&backend), Arc::clone(&writer), hangup.clone());
         tokio::spawn(async move {
             let _permits = (request_permit, buffer_permit);
