@@ -1,0 +1,262 @@
+//! Listeners, connections and shutdown: accepts clients on unix or TCP
+//! sockets, runs negotiation then transmission for each, and stops them all
+//! on request.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::export::{Export, ExportError, ExportTable};
+use crate::handshake::{self, Outcome};
+use crate::latch::Latch;
+use crate::transmission::{self, Limits};
+
+/// Tunables of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections served at once; clients beyond it are accepted and
+    /// closed at once.
+    pub max_connections: usize,
+    /// Requests of one connection in flight at once; the server stops
+    /// reading from a client that reaches it until replies go out.
+    pub max_requests_per_connection: u32,
+    /// Bytes of write payloads and read buffers one connection may hold at
+    /// once; raised to the 32 MiB maximum request if set lower.
+    pub max_bytes_per_connection: u32,
+    /// How long a closing connection waits for its requests in flight before
+    /// it drops their replies and closes anyway (a client that stopped
+    /// reading its replies would otherwise hold shutdown up for ever).
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 128,
+            max_requests_per_connection: 64,
+            max_bytes_per_connection: 64 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An NBD server: a table of exports and the listeners serving them.
+///
+/// Cheap to clone; clones are the same server. Exports can be added and
+/// removed while it runs. [`shutdown`](Self::shutdown) stops every listener:
+/// each connection stops reading requests, finishes those in flight (see
+/// [`ServerConfig::drain_timeout`]), and is closed.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ServerConfig,
+    exports: ExportTable,
+    shutdown: Latch,
+    connections: AtomicUsize,
+}
+
+/// A slot counted in [`Server::connections`] while it lives.
+struct ConnectionSlot(Arc<Inner>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the accept loop needs from a stream.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<Box<dyn Stream>> {
+        Ok(match self {
+            Listener::Unix(l) => Box::new(l.accept().await?.0),
+            Listener::Tcp(l) => {
+                let (stream, _) = l.accept().await?;
+                // Replies are whole messages; the spec asks for no Nagle delay.
+                stream.set_nodelay(true)?;
+                Box::new(stream)
+            }
+        })
+    }
+}
+
+impl Server {
+    pub fn new(config: ServerConfig) -> Self {
+        Server {
+            inner: Arc::new(Inner {
+                config,
+                exports: ExportTable::default(),
+                shutdown: Latch::new(),
+                connections: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Offers `export` under `name` to new connections.
+    pub fn add_export(&self, name: impl Into<String>, export: Export) -> Result<(), ExportError> {
+        self.inner.exports.add(name.into(), export)
+    }
+
+    /// Stops offering the export `name`: it is no longer listed, and new
+    /// connections cannot select it. Connections already using it keep
+    /// serving it until their client disconnects or the server shuts down;
+    /// the backend is dropped when the last of them closes.
+    pub fn remove_export(&self, name: &str) -> Option<Arc<Export>> {
+        self.inner.exports.remove(name)
+    }
+
+    /// Names of the exports offered, sorted.
+    pub fn export_names(&self) -> Vec<String> {
+        self.inner
+            .exports
+            .list()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Connections open now, in negotiation or transmission.
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::Acquire)
+    }
+
+    /// Asks every listener and connection to stop; see [`Server`].
+    pub fn shutdown(&self) {
+        self.inner.shutdown.trip();
+    }
+
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shutdown.is_tripped()
+    }
+
+    /// Binds a unix socket at `path` and serves it until shutdown, then
+    /// removes the socket. Fails if `path` exists.
+    pub async fn serve_unix(&self, path: impl AsRef<Path>) -> io::Result<()> {
+        let path = path.as_ref();
+        let listener = UnixListener::bind(path)?;
+        let served = self.serve_unix_listener(listener).await;
+        let _ = std::fs::remove_file(path);
+        served
+    }
+
+    /// Serves an already bound unix socket until shutdown.
+    pub async fn serve_unix_listener(&self, listener: UnixListener) -> io::Result<()> {
+        self.accept_loop(Listener::Unix(listener)).await
+    }
+
+    /// Binds `addr` and serves it until shutdown.
+    pub async fn serve_tcp(&self, addr: impl ToSocketAddrs) -> io::Result<()> {
+        self.serve_tcp_listener(TcpListener::bind(addr).await?)
+            .await
+    }
+
+    /// Serves an already bound TCP socket until shutdown.
+    pub async fn serve_tcp_listener(&self, listener: TcpListener) -> io::Result<()> {
+        self.accept_loop(Listener::Tcp(listener)).await
+    }
+
+    /// Serves one client on a stream accepted elsewhere, until it leaves or
+    /// the server shuts down. Counts against `max_connections`.
+    pub async fn serve_connection<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if let Some(slot) = self.admit() {
+            self.serve_admitted(stream, slot).await;
+        }
+    }
+
+    fn admit(&self) -> Option<ConnectionSlot> {
+        let max = self.inner.config.max_connections;
+        let admitted =
+            self.inner
+                .connections
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                });
+        match admitted {
+            Ok(_) => Some(ConnectionSlot(Arc::clone(&self.inner))),
+            Err(_) => {
+                warn!(max, "NBD connection refused: too many connections");
+                None
+            }
+        }
+    }
+
+    async fn accept_loop(&self, listener: Listener) -> io::Result<()> {
+        let shutdown = &self.inner.shutdown;
+        let mut connections = JoinSet::new();
+        while !shutdown.is_tripped() {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = shutdown.tripped() => break,
+                // Reap finished connections so the set does not grow.
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
+            let stream = match accepted {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, then go on.
+                    warn!(error = %e, "cannot accept NBD connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Refused streams are dropped, which closes them.
+            if let Some(slot) = self.admit() {
+                let server = self.clone();
+                connections.spawn(async move { server.serve_admitted(stream, slot).await });
+            }
+        }
+        info!(
+            open = connections.len(),
+            "NBD listener stopped, waiting for connections to close"
+        );
+        while connections.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    async fn serve_admitted<S>(&self, mut stream: S, _slot: ConnectionSlot)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let shutdown = &self.inner.shutdown;
+        // Shutdown during negotiation just closes: nothing is in flight yet.
+        let negotiated = tokio::select! {
+            outcome = handshake::negotiate(&mut stream, &self.inner.exports) => outcome,
+            () = shutdown.tripped() => return,
+        };
+        let negotiated = match negotiated {
+            Ok(Outcome::Transmission(negotiated)) => negotiated,
+            Ok(Outcome::Closed) => return,
+            Err(e) => {
+                debug!(error = %e, "NBD negotiation ended");
+                return;
+            }
+        };
+        let config = &self.inner.config;
+        let limits = Limits {
+            max_requests: config.max_requests_per_connection.max(1),
+            max_bytes: config.max_bytes_per_connection,
+            drain_timeout: config.drain_timeout,
+        };
+        transmission::serve(stream, negotiated, limits, shutdown.clone()).await;
+    }
+}
