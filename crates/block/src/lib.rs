@@ -82,6 +82,22 @@ impl Disk {
         self.layers.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Finds the layer below the top that `name` designates, as QEMU matches `base`: the
+    /// backing name as recorded, the path it was opened from, or the same file by real path.
+    pub fn find_backing_layer(&self, name: &str) -> Option<usize> {
+        let wanted = std::fs::canonicalize(name).ok();
+        self.read_layers()
+            .iter()
+            .enumerate()
+            .skip(1)
+            .find(|(_, layer)| {
+                layer.recorded_name == name
+                    || layer.path == Path::new(name)
+                    || wanted.is_some() && std::fs::canonicalize(&layer.path).ok() == wanted
+            })
+            .map(|(depth, _)| depth)
+    }
+
     /// Turns copy-on-read on for layers `1..limit` (guest reads then pull what those layers
     /// define into the top), or off with 0.
     pub fn set_copy_on_read(&self, limit: usize) {

@@ -50,6 +50,38 @@ impl Disk {
         self.populate_locked(&layers, first, last, limit)
     }
 
+    /// Whether the range from `offset` needs copying up (some cluster the top does not define
+    /// is defined by layers `1..limit`), and for how many bytes that answer holds. A "no" is
+    /// cluster aligned so that skipping it never skips part of a cluster that needs copying.
+    pub fn copy_up_needed(&self, offset: u64, max: u64, limit: usize) -> Result<(bool, u64)> {
+        self.check_range(offset, max.max(1))?;
+        let layers = self.read_layers();
+        let limit = limit.min(layers.len());
+        let top = &top_of(&layers)?.image;
+        let extent = top.map(offset, max)?;
+        if extent.mapping.is_allocated() {
+            return Ok((false, extent.length));
+        }
+        if limit <= 1 {
+            return Ok((false, extent.length));
+        }
+        let (defined, run) = allocated_above(&layers, 1, limit, offset, extent.length)?;
+        if defined {
+            return Ok((true, run));
+        }
+        let end = offset + run;
+        if end >= self.size {
+            return Ok((false, run));
+        }
+        let down = self.align_down(end);
+        if down > offset {
+            Ok((false, down - offset))
+        } else {
+            // Less than a cluster undefined: let the copy-up decide for the whole cluster.
+            Ok((true, run))
+        }
+    }
+
     /// Copy-up of the cluster-aligned `[first, last)`, which the caller holds exclusively.
     pub(crate) fn populate_locked(
         &self,

@@ -7,6 +7,7 @@ mod info;
 mod io;
 mod map;
 mod rebase;
+mod stream;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -47,6 +48,8 @@ enum Command {
     Rebase(rebase::Args),
     /// Run guest I/O commands on an image (like qemu-io).
     Io(io::Args),
+    /// Copy into an image what it borrows from its backing chain, then drop the chain.
+    Stream(stream::Args),
 }
 
 /// Runs the command; the returned code is the process exit code.
@@ -59,6 +62,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Convert(args) => convert::run(args),
         Command::Rebase(args) => rebase::run(args),
         Command::Io(args) => io::run(args),
+        Command::Stream(args) => stream::run(args),
     }
 }
 
