@@ -200,7 +200,7 @@ fn watch(job: &Job, args: &Args, disk: &Disk) {
             bar.set_message(format!("copied {}", human_size(info.copied)));
         }
         ticks += 1;
-        if ticks % 10 == 0 && bar.is_none() {
+        if ticks.is_multiple_of(10) && bar.is_none() {
             if args.json {
                 println!(
                     "{}",
