@@ -17,6 +17,7 @@
 //! # }
 //! ```
 
+pub mod client;
 mod export;
 mod handshake;
 mod latch;

@@ -3,6 +3,7 @@
 mod check;
 mod convert;
 mod create;
+mod ctl;
 mod info;
 mod io;
 mod map;
@@ -48,6 +49,8 @@ enum Command {
     Rebase(rebase::Args),
     /// Run guest I/O commands on an image (like qemu-io).
     Io(io::Args),
+    /// Drive a running daemon over QMP (stream, jobs, pause, resume, cancel, watch...).
+    Ctl(ctl::Args),
     /// Copy into an image what it borrows from its backing chain, then drop the chain.
     Stream(stream::Args),
 }
@@ -63,6 +66,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Rebase(args) => rebase::run(args),
         Command::Io(args) => io::run(args),
         Command::Stream(args) => stream::run(args),
+        Command::Ctl(args) => ctl::run(args),
     }
 }
 
