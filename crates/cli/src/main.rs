@@ -1,7 +1,6 @@
 //! The `imgstream` binary: parses the command line and runs one command.
 
 mod commands;
-#[allow(dead_code)]
 mod export;
 mod qmp_client;
 mod size;

@@ -4,10 +4,12 @@ mod check;
 mod convert;
 mod create;
 mod ctl;
+mod demo;
 mod info;
 mod io;
 mod map;
 mod rebase;
+mod serve;
 mod stream;
 
 use anyhow::{bail, Result};
@@ -49,6 +51,10 @@ enum Command {
     Rebase(rebase::Args),
     /// Run guest I/O commands on an image (like qemu-io).
     Io(io::Args),
+    /// Run the main job on local files: build a chain, serve it, stream it live, verify.
+    Demo(demo::Args),
+    /// Serve images over NBD with a QMP control socket (the storage daemon).
+    Serve(serve::Args),
     /// Drive a running daemon over QMP (stream, jobs, pause, resume, cancel, watch...).
     Ctl(ctl::Args),
     /// Copy into an image what it borrows from its backing chain, then drop the chain.
@@ -67,6 +73,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Io(args) => io::run(args),
         Command::Stream(args) => stream::run(args),
         Command::Ctl(args) => ctl::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 
