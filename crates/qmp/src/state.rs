@@ -71,6 +71,9 @@ pub(crate) struct JobEntry {
     pub layers: Vec<Arc<Layer>>,
     /// The name reserved by `filter-node-name`.
     pub filter: Option<String>,
+    /// The job's length as QEMU reports it from creation on (the disk size, or 0 when
+    /// there is nothing to copy); our job sets its own only once its thread runs.
+    pub len: u64,
 }
 
 /// Everything the monitors share.
