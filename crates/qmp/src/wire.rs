@@ -170,6 +170,28 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_never_panic() {
+        // A fixed linear congruential generator: reproducible without a dependency.
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut reader = MessageReader::new();
+        for _ in 0..2000 {
+            let bytes: Vec<u8> = (0..64)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    // Mostly JSON's own characters, so the parser gets deep, not just the lexer.
+                    let alphabet = b"{}[]:,\"'\\ 0123456789-+.eEtruefalsn\x00\xff\xc3";
+                    alphabet[(state >> 33) as usize % alphabet.len()]
+                })
+                .collect();
+            if reader.feed(&bytes).contains(&Input::TooLarge) {
+                reader = MessageReader::new();
+            }
+        }
+    }
+
+    #[test]
     fn frames_match_qemus_layout() {
         let id = json!("c1");
         assert_eq!(
