@@ -25,7 +25,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-const TRANSCRIPTS: &str = "/work/shared/reference/qsd-transcripts";
+/// Where the reference transcripts are: `$IMGSTREAM_TRANSCRIPTS`, else `shared/` beside
+/// the repository (as on developer machines and in CI).
+fn transcripts_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("IMGSTREAM_TRANSCRIPTS") {
+        return dir.into();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/qsd-transcripts")
+}
 const WAIT: Duration = Duration::from_secs(30);
 
 /// One request and what QSD sent until the next request.
@@ -40,7 +47,7 @@ struct Window {
 type Session = Vec<Window>;
 
 fn read_transcript(name: &str) -> Vec<Session> {
-    let path = Path::new(TRANSCRIPTS).join(name);
+    let path = transcripts_dir().join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (the reference transcripts are needed)",
