@@ -1,0 +1,209 @@
+//! `query-named-block-nodes` (one entry per layer node, with the fields QSD shows for a
+//! format node) and `query-block-exports`.
+
+use crate::args::Args;
+use crate::json::Json;
+use crate::state::{Daemon, Node};
+use imgstream_block::chain::resolve_backing;
+use imgstream_block::{FormatKind, FormatSpecific, Layer};
+use serde::Serialize;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+#[derive(Serialize)]
+struct Cache {
+    #[serde(rename = "no-flush")]
+    no_flush: bool,
+    direct: bool,
+    writeback: bool,
+}
+
+#[derive(Serialize)]
+struct Qcow2Data {
+    compat: &'static str,
+    #[serde(rename = "compression-type")]
+    compression_type: &'static str,
+    #[serde(rename = "lazy-refcounts")]
+    lazy_refcounts: bool,
+    #[serde(rename = "refcount-bits")]
+    refcount_bits: u32,
+    corrupt: bool,
+    #[serde(rename = "extended-l2")]
+    extended_l2: bool,
+}
+
+#[derive(Serialize)]
+struct FormatSpecificInfo {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    data: Qcow2Data,
+}
+
+#[derive(Serialize)]
+struct ImageInfo {
+    #[serde(rename = "backing-image", skip_serializing_if = "Option::is_none")]
+    backing_image: Option<Box<ImageInfo>>,
+    #[serde(
+        rename = "backing-filename-format",
+        skip_serializing_if = "Option::is_none"
+    )]
+    backing_filename_format: Option<String>,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    filename: String,
+    #[serde(rename = "cluster-size", skip_serializing_if = "Option::is_none")]
+    cluster_size: Option<u64>,
+    format: &'static str,
+    #[serde(rename = "actual-size", skip_serializing_if = "Option::is_none")]
+    actual_size: Option<u64>,
+    #[serde(rename = "format-specific", skip_serializing_if = "Option::is_none")]
+    format_specific: Option<FormatSpecificInfo>,
+    #[serde(
+        rename = "full-backing-filename",
+        skip_serializing_if = "Option::is_none"
+    )]
+    full_backing_filename: Option<String>,
+    #[serde(rename = "backing-filename", skip_serializing_if = "Option::is_none")]
+    backing_filename: Option<String>,
+    #[serde(rename = "dirty-flag")]
+    dirty_flag: bool,
+}
+
+#[derive(Serialize)]
+struct NodeInfo {
+    iops_rd: u64,
+    detect_zeroes: &'static str,
+    active: bool,
+    image: ImageInfo,
+    iops_wr: u64,
+    ro: bool,
+    #[serde(rename = "node-name")]
+    node_name: String,
+    backing_file_depth: usize,
+    drv: &'static str,
+    iops: u64,
+    bps_wr: u64,
+    write_threshold: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_file: Option<String>,
+    encrypted: bool,
+    bps: u64,
+    bps_rd: u64,
+    cache: Cache,
+    file: String,
+}
+
+fn image_info(layer: &Layer, below: &[Arc<Layer>]) -> ImageInfo {
+    let image = &layer.image;
+    let backing = image.backing();
+    let filename = layer.path.display().to_string();
+    let format_specific = match image.format_specific() {
+        FormatSpecific::Qcow2 {
+            compat,
+            compression_type,
+            lazy_refcounts,
+            refcount_bits,
+            corrupt,
+            extended_l2,
+        } => Some(FormatSpecificInfo {
+            kind: "qcow2",
+            data: Qcow2Data {
+                compat,
+                compression_type,
+                lazy_refcounts,
+                refcount_bits,
+                corrupt,
+                extended_l2,
+            },
+        }),
+        FormatSpecific::Qed | FormatSpecific::Raw => None,
+    };
+    ImageInfo {
+        backing_image: below
+            .split_first()
+            .map(|(next, rest)| Box::new(image_info(next, rest))),
+        backing_filename_format: backing.as_ref().and_then(|b| b.format.clone()),
+        virtual_size: image.virtual_size(),
+        filename,
+        cluster_size: (layer.format != FormatKind::Raw).then(|| image.cluster_size()),
+        format: layer.format.name(),
+        actual_size: std::fs::metadata(&layer.path)
+            .ok()
+            .map(|m| m.blocks() * 512),
+        format_specific,
+        full_backing_filename: backing.as_ref().map(|b| {
+            resolve_backing(&layer.path, &b.name)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| b.name.clone())
+        }),
+        backing_filename: backing.as_ref().map(|b| b.name.clone()),
+        dirty_flag: false,
+    }
+}
+
+fn node_info(node: &Node, flat: bool) -> NodeInfo {
+    let layers = node.disk.layers();
+    let below: &[Arc<Layer>] = match node.depth() {
+        Some(depth) => &layers[depth + 1..],
+        None => &[],
+    };
+    let mut image = image_info(&node.layer, if flat { &[] } else { below });
+    if flat {
+        image.backing_image = None;
+    }
+    NodeInfo {
+        iops_rd: 0,
+        detect_zeroes: "off",
+        active: true,
+        iops_wr: 0,
+        ro: !node.layer.image.is_writable(),
+        node_name: node.name.clone(),
+        backing_file_depth: below.len(),
+        drv: node.layer.format.name(),
+        iops: 0,
+        bps_wr: 0,
+        write_threshold: 0,
+        backing_file: node.layer.image.backing().map(|b| b.name),
+        encrypted: false,
+        bps: 0,
+        bps_rd: 0,
+        cache: Cache {
+            no_flush: false,
+            direct: false,
+            writeback: true,
+        },
+        file: image.filename.clone(),
+        image,
+    }
+}
+
+pub fn query_named_block_nodes(daemon: &Daemon, args: &Args) -> Json {
+    let flat = args.bool("flat").unwrap_or(false);
+    let list: Vec<NodeInfo> = daemon.nodes().iter().map(|n| node_info(n, flat)).collect();
+    Json::of(&list)
+}
+
+#[derive(Serialize)]
+struct ExportReply<'a> {
+    #[serde(rename = "node-name")]
+    node_name: &'a str,
+    #[serde(rename = "shutting-down")]
+    shutting_down: bool,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a str,
+}
+
+pub fn query_block_exports(daemon: &Daemon) -> Json {
+    let exports = daemon.exports();
+    let list: Vec<ExportReply> = exports
+        .iter()
+        .map(|e| ExportReply {
+            node_name: &e.node,
+            shutting_down: false,
+            kind: "nbd",
+            id: &e.id,
+        })
+        .collect();
+    Json::of(&list)
+}

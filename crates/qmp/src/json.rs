@@ -1,0 +1,666 @@
+//! JSON as QEMU's monitor reads and writes it: a tokenizer that splits a byte stream into
+//! values the way QEMU's json-lexer/json-streamer do (a value is complete when its brackets
+//! balance; QEMU's error texts; single-quoted strings accepted), a parser for one value, and
+//! the output format (`{"a": 1, "b": [2, 3]}`, non-ASCII escaped as `\uXXXX`).
+
+use serde::Serialize;
+use serde_json::{Map, Number, Value};
+
+/// Deepest nesting of `{`/`[` QEMU accepts (json-streamer.c MAX_NESTING).
+pub const MAX_NESTING: usize = 1 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenKind {
+    LCurly,
+    RCurly,
+    LSquare,
+    RSquare,
+    Colon,
+    Comma,
+    Integer,
+    Float,
+    Keyword,
+    String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Token {
+    kind: TokenKind,
+    text: Vec<u8>,
+}
+
+/// What the lexer is in the middle of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LexState {
+    Start,
+    /// Inside a string; `escape` after a backslash.
+    Str {
+        quote: u8,
+        escape: bool,
+    },
+    /// `-` seen.
+    Minus,
+    Zero,
+    Digits,
+    /// `.` seen, a digit must follow.
+    Dot,
+    Fraction,
+    /// `e` seen.
+    Exp,
+    /// `e+`/`e-` seen.
+    ExpSign,
+    ExpDigits,
+    Keyword,
+    /// After a lexical error: skip to a structural or control character.
+    Recovery,
+}
+
+/// One complete input value, or the error QEMU answers for it.
+pub type Parsed = Result<Value, String>;
+
+/// Splits a byte stream into JSON values as they complete.
+#[derive(Debug)]
+pub struct Streamer {
+    state: LexState,
+    token: Vec<u8>,
+    tokens: Vec<Token>,
+    braces: i64,
+    brackets: i64,
+    /// Bytes held for the value being assembled (tokens plus the token in progress).
+    buffered: usize,
+}
+
+impl Default for Streamer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Streamer {
+    pub fn new() -> Self {
+        Streamer {
+            state: LexState::Start,
+            token: Vec::new(),
+            tokens: Vec::new(),
+            braces: 0,
+            brackets: 0,
+            buffered: 0,
+        }
+    }
+
+    /// Bytes held for the value being assembled.
+    pub fn buffered(&self) -> usize {
+        self.buffered + self.token.len()
+    }
+
+    /// Feeds bytes; every value (or error) completed by them is pushed to `out`.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Parsed>) {
+        for &byte in bytes {
+            self.feed_byte(byte, out);
+        }
+    }
+
+    fn feed_byte(&mut self, byte: u8, out: &mut Vec<Parsed>) {
+        // A byte may end the token in progress without being part of it (lookahead); it is
+        // then looked at again from the start state.
+        loop {
+            match self.step(byte, out) {
+                Step::Consumed => return,
+                Step::Again => continue,
+            }
+        }
+    }
+
+    fn step(&mut self, byte: u8, out: &mut Vec<Parsed>) -> Step {
+        use LexState::*;
+        match self.state {
+            Start => {
+                let single = match byte {
+                    b'{' => Some(TokenKind::LCurly),
+                    b'}' => Some(TokenKind::RCurly),
+                    b'[' => Some(TokenKind::LSquare),
+                    b']' => Some(TokenKind::RSquare),
+                    b':' => Some(TokenKind::Colon),
+                    b',' => Some(TokenKind::Comma),
+                    _ => None,
+                };
+                if let Some(kind) = single {
+                    self.token.push(byte);
+                    self.emit(kind, out);
+                    return Step::Consumed;
+                }
+                self.state = match byte {
+                    b' ' | b'\t' | b'\r' | b'\n' => return Step::Consumed,
+                    b'"' | b'\'' => Str {
+                        quote: byte,
+                        escape: false,
+                    },
+                    b'0' => Zero,
+                    b'1'..=b'9' => Digits,
+                    b'-' => Minus,
+                    b'a'..=b'z' => Keyword,
+                    _ => {
+                        self.token.push(byte);
+                        self.lex_error(out);
+                        return Step::Consumed;
+                    }
+                };
+                self.token.push(byte);
+                Step::Consumed
+            }
+            Str { quote, escape } => {
+                if !(0x20..=0xfd).contains(&byte) {
+                    self.token.push(byte);
+                    self.lex_error(out);
+                    return Step::Consumed;
+                }
+                self.token.push(byte);
+                if escape {
+                    self.state = Str {
+                        quote,
+                        escape: false,
+                    };
+                } else if byte == b'\\' {
+                    self.state = Str {
+                        quote,
+                        escape: true,
+                    };
+                } else if byte == quote {
+                    self.emit(TokenKind::String, out);
+                }
+                Step::Consumed
+            }
+            Minus => match byte {
+                b'0' => self.push_state(byte, Zero),
+                b'1'..=b'9' => self.push_state(byte, Digits),
+                _ => self.fail(byte, out),
+            },
+            Zero => match byte {
+                b'.' => self.push_state(byte, Dot),
+                b'0'..=b'9' => self.fail(byte, out),
+                _ => self.end_token(TokenKind::Integer, out),
+            },
+            Digits => match byte {
+                b'0'..=b'9' => self.push_state(byte, Digits),
+                b'.' => self.push_state(byte, Dot),
+                b'e' | b'E' => self.push_state(byte, Exp),
+                _ => self.end_token(TokenKind::Integer, out),
+            },
+            Dot => match byte {
+                b'0'..=b'9' => self.push_state(byte, Fraction),
+                _ => self.fail(byte, out),
+            },
+            Fraction => match byte {
+                b'0'..=b'9' => self.push_state(byte, Fraction),
+                b'e' | b'E' => self.push_state(byte, Exp),
+                _ => self.end_token(TokenKind::Float, out),
+            },
+            Exp => match byte {
+                b'+' | b'-' => self.push_state(byte, ExpSign),
+                b'0'..=b'9' => self.push_state(byte, ExpDigits),
+                _ => self.fail(byte, out),
+            },
+            ExpSign => match byte {
+                b'0'..=b'9' => self.push_state(byte, ExpDigits),
+                _ => self.fail(byte, out),
+            },
+            ExpDigits => match byte {
+                b'0'..=b'9' => self.push_state(byte, ExpDigits),
+                _ => self.end_token(TokenKind::Float, out),
+            },
+            Keyword => match byte {
+                b'a'..=b'z' => self.push_state(byte, Keyword),
+                _ => self.end_token(TokenKind::Keyword, out),
+            },
+            Recovery => match byte {
+                b'{' | b'}' | b'[' | b']' | 0..=0x1f | 0xfe | 0xff if byte != b'\t' => {
+                    self.state = Start;
+                    Step::Again
+                }
+                _ => Step::Consumed,
+            },
+        }
+    }
+
+    fn push_state(&mut self, byte: u8, state: LexState) -> Step {
+        self.token.push(byte);
+        self.state = state;
+        Step::Consumed
+    }
+
+    fn fail(&mut self, byte: u8, out: &mut Vec<Parsed>) -> Step {
+        self.token.push(byte);
+        self.lex_error(out);
+        Step::Consumed
+    }
+
+    /// The token ended before `byte`, which is looked at again.
+    fn end_token(&mut self, kind: TokenKind, out: &mut Vec<Parsed>) -> Step {
+        self.emit(kind, out);
+        Step::Again
+    }
+
+    fn lex_error(&mut self, out: &mut Vec<Parsed>) {
+        let text = String::from_utf8_lossy(&self.token).into_owned();
+        self.token.clear();
+        self.state = LexState::Recovery;
+        self.reset();
+        out.push(Err(format!("JSON parse error, stray '{text}'")));
+    }
+
+    fn reset(&mut self) {
+        self.tokens.clear();
+        self.braces = 0;
+        self.brackets = 0;
+        self.buffered = 0;
+    }
+
+    fn emit(&mut self, kind: TokenKind, out: &mut Vec<Parsed>) {
+        self.state = LexState::Start;
+        let text = std::mem::take(&mut self.token);
+        match kind {
+            TokenKind::LCurly => self.braces += 1,
+            TokenKind::RCurly => self.braces -= 1,
+            TokenKind::LSquare => self.brackets += 1,
+            TokenKind::RSquare => self.brackets -= 1,
+            _ => {}
+        }
+        if self.braces + self.brackets > MAX_NESTING as i64 {
+            self.reset();
+            out.push(Err("JSON nesting depth limit exceeded".into()));
+            return;
+        }
+        self.buffered += text.len() + 1;
+        self.tokens.push(Token { kind, text });
+        if (self.braces > 0 || self.brackets > 0) && self.braces >= 0 && self.brackets >= 0 {
+            return;
+        }
+        let tokens = std::mem::take(&mut self.tokens);
+        self.reset();
+        out.push(parse_tokens(&tokens));
+    }
+}
+
+enum Step {
+    Consumed,
+    Again,
+}
+
+/// Parses one complete value from its tokens, with QEMU's error texts.
+fn parse_tokens(tokens: &[Token]) -> Parsed {
+    let mut parser = Parser { tokens, at: 0 };
+    parser
+        .value()
+        .map_err(|message| format!("JSON parse error, {message}"))
+}
+
+struct Parser<'a> {
+    tokens: &'a [Token],
+    at: usize,
+}
+
+impl Parser<'_> {
+    fn next(&mut self) -> Result<&Token, String> {
+        let token = self.tokens.get(self.at).ok_or("premature EOI")?;
+        self.at += 1;
+        Ok(token)
+    }
+
+    fn peek(&self) -> Result<&Token, String> {
+        self.tokens
+            .get(self.at)
+            .ok_or_else(|| "premature EOI".into())
+    }
+
+    fn value(&mut self) -> Result<Value, String> {
+        let token = self.peek()?.clone();
+        match token.kind {
+            TokenKind::LCurly => self.object(),
+            TokenKind::LSquare => self.array(),
+            TokenKind::String => {
+                self.at += 1;
+                parse_string(&token.text).map(Value::String)
+            }
+            TokenKind::Integer | TokenKind::Float => {
+                self.at += 1;
+                Ok(parse_number(&token))
+            }
+            TokenKind::Keyword => {
+                self.at += 1;
+                match &token.text[..] {
+                    b"true" => Ok(Value::Bool(true)),
+                    b"false" => Ok(Value::Bool(false)),
+                    b"null" => Ok(Value::Null),
+                    other => Err(format!(
+                        "invalid keyword '{}'",
+                        String::from_utf8_lossy(other)
+                    )),
+                }
+            }
+            _ => Err("expecting value".into()),
+        }
+    }
+
+    fn object(&mut self) -> Result<Value, String> {
+        self.at += 1;
+        let mut map = Map::new();
+        if self.peek()?.kind == TokenKind::RCurly {
+            self.at += 1;
+            return Ok(Value::Object(map));
+        }
+        loop {
+            let key = match self.value()? {
+                Value::String(key) => key,
+                _ => return Err("key is not a string in object".into()),
+            };
+            if self.next()?.kind != TokenKind::Colon {
+                return Err("missing : in object pair".into());
+            }
+            let value = self.value()?;
+            map.insert(key, value);
+            match self.next()?.kind {
+                TokenKind::RCurly => return Ok(Value::Object(map)),
+                TokenKind::Comma => {}
+                _ => return Err("expected separator in dict".into()),
+            }
+        }
+    }
+
+    fn array(&mut self) -> Result<Value, String> {
+        self.at += 1;
+        let mut list = Vec::new();
+        if self.peek()?.kind == TokenKind::RSquare {
+            self.at += 1;
+            return Ok(Value::Array(list));
+        }
+        loop {
+            list.push(self.value()?);
+            match self.next()?.kind {
+                TokenKind::RSquare => return Ok(Value::Array(list)),
+                TokenKind::Comma => {}
+                _ => return Err("expected separator in list".into()),
+            }
+        }
+    }
+}
+
+/// Integers as i64 if they fit, else u64, else a double (as QEMU's QNum does).
+fn parse_number(token: &Token) -> Value {
+    let text = String::from_utf8_lossy(&token.text);
+    if token.kind == TokenKind::Integer {
+        if let Ok(v) = text.parse::<i64>() {
+            return Value::Number(v.into());
+        }
+        if let Ok(v) = text.parse::<u64>() {
+            return Value::Number(v.into());
+        }
+    }
+    let v: f64 = text.parse().unwrap_or(f64::NAN);
+    // JSON cannot carry inf; QEMU would print `inf`. The clamp keeps the value a number.
+    Number::from_f64(v.clamp(f64::MIN, f64::MAX))
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
+}
+
+/// Unquotes a string token (either quote style), checking escapes and UTF-8.
+fn parse_string(token: &[u8]) -> Result<String, String> {
+    let inner = token.get(1..token.len().saturating_sub(1)).unwrap_or(&[]);
+    let mut out: Vec<u16> = Vec::new();
+    let mut text = String::new();
+    let flush = |out: &mut Vec<u16>, text: &mut String| -> Result<(), String> {
+        if !out.is_empty() {
+            let s = String::from_utf16(out).map_err(|_| {
+                let hex: Vec<String> = out.iter().map(|u| format!("\\u{u:04x}")).collect();
+                format!("{} is not a valid Unicode character", hex.join(""))
+            })?;
+            text.push_str(&s);
+            out.clear();
+        }
+        Ok(())
+    };
+    let mut i = 0;
+    while i < inner.len() {
+        let byte = inner[i];
+        if byte != b'\\' {
+            flush(&mut out, &mut text)?;
+            // Take the longest valid UTF-8 run.
+            let end = inner[i..]
+                .iter()
+                .position(|&b| b == b'\\')
+                .map_or(inner.len(), |p| i + p);
+            let run = std::str::from_utf8(&inner[i..end])
+                .map_err(|_| "invalid UTF-8 sequence in string".to_string())?;
+            text.push_str(run);
+            i = end;
+            continue;
+        }
+        let escaped = inner.get(i + 1).copied().unwrap_or(0);
+        i += 2;
+        let plain = match escaped {
+            b'"' => '"',
+            b'\'' => '\'',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hex = inner.get(i..i + 4).unwrap_or(&[]);
+                let parsed = std::str::from_utf8(hex)
+                    .ok()
+                    .filter(|h| h.len() == 4 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .and_then(|h| u16::from_str_radix(h, 16).ok());
+                match parsed {
+                    Some(unit) => {
+                        out.push(unit);
+                        i += 4;
+                        continue;
+                    }
+                    None => {
+                        let shown = String::from_utf8_lossy(hex);
+                        return Err(format!("\\u{shown} is not a valid Unicode character"));
+                    }
+                }
+            }
+            _ => return Err("invalid escape sequence in string".into()),
+        };
+        flush(&mut out, &mut text)?;
+        text.push(plain);
+    }
+    flush(&mut out, &mut text)?;
+    Ok(text)
+}
+
+/// Writes JSON as QEMU does: `": "` and `", "` separators, everything outside ASCII
+/// printable escaped as `\uXXXX` (upper-case hex, surrogate pairs above U+FFFF).
+struct QemuFormatter;
+
+impl serde_json::ser::Formatter for QemuFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        for c in fragment.chars() {
+            if c.is_ascii() && !c.is_ascii_control() {
+                writer.write_all(&[c as u8])?;
+            } else {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    write!(writer, "\\u{unit:04X}")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// JSON text, already serialized in QEMU's format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Json(pub String);
+
+impl Json {
+    /// Serializes `value` in QEMU's format. Struct fields keep their declared order, which is
+    /// how replies match QEMU's key order.
+    pub fn of<T: Serialize + ?Sized>(value: &T) -> Json {
+        let mut bytes = Vec::new();
+        let mut serializer = serde_json::Serializer::with_formatter(&mut bytes, QemuFormatter);
+        // Our own types and serde_json values always serialize.
+        if value.serialize(&mut serializer).is_err() {
+            return Json("null".into());
+        }
+        Json(String::from_utf8(bytes).unwrap_or_else(|_| "null".into()))
+    }
+
+    pub fn empty_object() -> Json {
+        Json("{}".into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn feed_all(chunks: &[&[u8]]) -> Vec<Parsed> {
+        let mut streamer = Streamer::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            streamer.feed(chunk, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn split_value_completes_on_last_byte() {
+        let out = feed_all(&[b"{\"execute\":", b" \"quit\"", b"}"]);
+        assert_eq!(out, vec![Ok(json!({"execute": "quit"}))]);
+    }
+
+    #[test]
+    fn several_values_in_one_read() {
+        let out = feed_all(&[b"{\"a\":1}{\"b\":[1,2]} {}"]);
+        assert_eq!(
+            out,
+            vec![Ok(json!({"a": 1})), Ok(json!({"b": [1, 2]})), Ok(json!({}))]
+        );
+    }
+
+    #[test]
+    fn garbage_gets_qemus_messages() {
+        // As observed on QSD: a keyword ends only at the next delimiter.
+        let out = feed_all(&[b"not json", b"[1,2]"]);
+        assert_eq!(
+            out,
+            vec![
+                Err("JSON parse error, invalid keyword 'not'".into()),
+                Err("JSON parse error, invalid keyword 'json'".into()),
+                Ok(json!([1, 2])),
+            ]
+        );
+        let cases: &[(&[u8], &str)] = &[
+            (b"}", "JSON parse error, expecting value"),
+            (b"{\"a\" 1}", "JSON parse error, missing : in object pair"),
+            (b"{1:2}", "JSON parse error, key is not a string in object"),
+            (b"{\"a\":1,}", "JSON parse error, expecting value"),
+            (b"[1,]", "JSON parse error, expecting value"),
+            (b"{\"a\":tru}", "JSON parse error, invalid keyword 'tru'"),
+            (
+                b"{\"x\":\"\\q\"}",
+                "JSON parse error, invalid escape sequence in string",
+            ),
+            (
+                b"\"\\u00zz\"",
+                "JSON parse error, \\u00zz is not a valid Unicode character",
+            ),
+        ];
+        for (input, message) in cases {
+            assert_eq!(
+                feed_all(&[input]),
+                vec![Err(message.to_string())],
+                "{input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn stray_character_recovers_at_next_structural_character() {
+        let out = feed_all(&[b"@x {\"a\":1}"]);
+        assert_eq!(
+            out,
+            vec![
+                Err("JSON parse error, stray '@'".into()),
+                Ok(json!({"a": 1}))
+            ]
+        );
+    }
+
+    #[test]
+    fn numbers_wait_for_a_delimiter() {
+        let mut streamer = Streamer::new();
+        let mut out = Vec::new();
+        streamer.feed(b"42", &mut out);
+        assert!(out.is_empty());
+        streamer.feed(b" ", &mut out);
+        assert_eq!(out, vec![Ok(json!(42))]);
+    }
+
+    #[test]
+    fn single_quotes_and_escapes() {
+        let out = feed_all(&[b"{'execute': 'q\\'x', \"u\": \"\\u00e9\\ud83d\\ude00\"}"]);
+        assert_eq!(out, vec![Ok(json!({"execute": "q'x", "u": "é😀"}))]);
+    }
+
+    #[test]
+    fn nesting_is_bounded() {
+        let deep = vec![b'['; MAX_NESTING + 5];
+        let out = feed_all(&[&deep]);
+        assert_eq!(out[0], Err("JSON nesting depth limit exceeded".into()));
+    }
+
+    #[test]
+    fn output_matches_qemus_format() {
+        let value = json!({"a": [1, 2], "b": "é😀"});
+        assert_eq!(
+            Json::of(&value).0,
+            r#"{"a": [1, 2], "b": "\u00E9\uD83D\uDE00"}"#
+        );
+    }
+}
