@@ -66,6 +66,8 @@ pub enum JobEvent {
 pub trait JobWork: Send + 'static {
     /// The job type on the wire (`stream`).
     fn job_type(&self) -> &'static str;
+    /// Total work in bytes, known before the job starts (reported from `created` on).
+    fn len(&self) -> u64;
     /// Does the work; an error fails the job.
     fn run(&mut self, control: &JobControl) -> Result<(), JobError>;
     /// Applies the result (e.g. rewrites the image header) once the job succeeded and is
@@ -172,7 +174,7 @@ impl Job {
                     cancelled: false,
                     limit: RateLimit::new(options.speed),
                     speed: options.speed,
-                    len: 0,
+                    len: work.len(),
                     offset: 0,
                     copied: 0,
                     io_status: IoStatus::Ok,

@@ -11,19 +11,17 @@ pub const SLICE: Duration = Duration::from_millis(100);
 pub struct RateLimit {
     /// Bytes per slice; 0 = unlimited.
     quota: u64,
-    slice_start: Instant,
-    slice_end: Instant,
+    /// The current slice (start, end); `None` before the first transfer.
+    slice: Option<(Instant, Instant)>,
     dispatched: u64,
 }
 
 impl RateLimit {
     /// A limiter for `bytes_per_second` (0 = unlimited).
     pub fn new(bytes_per_second: u64) -> Self {
-        let now = Instant::now();
         let mut limit = RateLimit {
             quota: 0,
-            slice_start: now,
-            slice_end: now,
+            slice: None,
             dispatched: 0,
         };
         limit.set_speed(bytes_per_second);
@@ -45,18 +43,22 @@ impl RateLimit {
         if self.quota == 0 {
             return Duration::ZERO;
         }
-        if self.slice_end < now {
-            self.slice_start = now;
-            self.slice_end = now + SLICE;
-            self.dispatched = 0;
-        }
+        let (start, end) = match self.slice {
+            Some((start, end)) if end >= now => (start, end),
+            _ => {
+                self.dispatched = 0;
+                (now, now + SLICE)
+            }
+        };
         self.dispatched += bytes;
         if self.dispatched < self.quota {
+            self.slice = Some((start, end));
             return Duration::ZERO;
         }
         let slices = (self.dispatched / self.quota).min(u32::MAX as u64) as u32;
-        self.slice_end = self.slice_start + SLICE * slices;
-        self.slice_end.saturating_duration_since(now)
+        let end = start + SLICE * slices;
+        self.slice = Some((start, end));
+        end.saturating_duration_since(now)
     }
 }
 

@@ -50,6 +50,15 @@ impl JobWork for StreamJob {
         "stream"
     }
 
+    fn len(&self) -> u64 {
+        if self.options.base_depth <= 1 {
+            // Nothing lies between the top and the base: QEMU reports len 0.
+            0
+        } else {
+            self.disk.size()
+        }
+    }
+
     fn run(&mut self, control: &JobControl) -> Result<(), JobError> {
         let base_depth = self.options.base_depth;
         if base_depth <= 1 {
@@ -58,7 +67,6 @@ impl JobWork for StreamJob {
         }
         let disk = &self.disk;
         let len = disk.size();
-        control.set_len(len);
         // Guest reads now pull what they touch above the base, as QEMU's COR filter does.
         disk.set_copy_on_read(base_depth);
         let mut first_error = None;

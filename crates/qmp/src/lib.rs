@@ -15,4 +15,5 @@ pub mod state;
 pub mod wire;
 
 pub use error::{ErrorClass, QmpError};
+pub use session::bind_unix_socket;
 pub use state::{Daemon, Event, ExportInfo, Node, StateError};

@@ -232,6 +232,17 @@ impl Daemon {
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
         let listener = bind_private(path)?;
+        self.serve_unix_listener(listener, path, shutdown).await
+    }
+
+    /// Like [`Daemon::serve_unix`] on a socket already bound with [`bind_unix_socket`], so the
+    /// caller knows exactly when clients can connect. `path` is removed at the end.
+    pub async fn serve_unix_listener(
+        self: &Arc<Self>,
+        listener: UnixListener,
+        path: &Path,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let mut sessions = JoinSet::new();
         tokio::pin!(shutdown);
         let result = loop {
@@ -265,6 +276,10 @@ impl Daemon {
 /// Binds a unix socket that only the owner can connect to: made in a private folder, set to
 /// 0600, then moved into place, so there is no moment when others could connect. A stale
 /// socket at `path` is replaced; any other file there is an error.
+pub fn bind_unix_socket(path: &Path) -> std::io::Result<UnixListener> {
+    bind_private(path)
+}
+
 fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {

@@ -71,9 +71,6 @@ pub(crate) struct JobEntry {
     pub layers: Vec<Arc<Layer>>,
     /// The name reserved by `filter-node-name`.
     pub filter: Option<String>,
-    /// The job's length as QEMU reports it from creation on (the disk size, or 0 when
-    /// there is nothing to copy); our job sets its own only once its thread runs.
-    pub len: u64,
 }
 
 /// Everything the monitors share.
@@ -237,6 +234,18 @@ impl Daemon {
     // The job registry. Listeners run with the job's own lock held and take the registry
     // lock (to drop a job at `null`), so no code may call into a job while holding the
     // registry lock: callers get clones.
+
+    /// Cancels every job and waits until each has concluded (QEMU's quit does this before
+    /// exiting): no header changes, images left valid. Blocking.
+    pub fn cancel_all_jobs(&self) {
+        let jobs = self.jobs();
+        for entry in &jobs {
+            let _ = entry.job.cancel();
+        }
+        for entry in &jobs {
+            entry.job.wait_concluded();
+        }
+    }
 
     pub(crate) fn jobs(&self) -> Vec<JobEntry> {
         lock(&self.jobs).clone()

@@ -46,7 +46,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
 }
@@ -185,7 +188,10 @@ fn follow_stream(qmp: &mut QmpClient, guest_ops: &AtomicU64) -> Result<u64> {
         if let Some(job) = jobs.as_array().and_then(|j| j.first()) {
             bar.set_length(job["len"].as_u64().unwrap_or(0).max(1));
             bar.set_position(job["offset"].as_u64().unwrap_or(0));
-            bar.set_message(format!("guest requests {}", guest_ops.load(Ordering::Relaxed)));
+            bar.set_message(format!(
+                "guest requests {}",
+                guest_ops.load(Ordering::Relaxed)
+            ));
         }
     }
 }
@@ -213,7 +219,11 @@ fn build_chain(base: &Path, overlay: &Path, size: u64) -> Result<Vec<u8>> {
     create_format(FormatKind::Qcow2, &FileStorage::create(overlay)?, &options)?;
     // The guest already wrote a little into its overlay before the stream.
     let disk = Disk::open(overlay, &ChainOptions::writable())?;
-    for (offset, byte) in [(3 * MIB + 4096, 0xa1u8), (size / 2, 0xb2), (size - 8192, 0xc3)] {
+    for (offset, byte) in [
+        (3 * MIB + 4096, 0xa1u8),
+        (size / 2, 0xb2),
+        (size - 8192, 0xc3),
+    ] {
         let data = vec![byte; 8192];
         disk.write(offset, &data, false)?;
         model[offset as usize..offset as usize + 8192].copy_from_slice(&data);

@@ -41,7 +41,10 @@ impl NbdAddress {
         if let Some(path) = text.strip_prefix("unix:") {
             return Ok(NbdAddress::Unix(PathBuf::from(path)));
         }
-        if text.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+        if text
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+        {
             return Ok(NbdAddress::Tcp(text.to_string()));
         }
         bail!("Invalid NBD address '{text}' (unix:PATH or HOST:PORT)")
@@ -122,7 +125,8 @@ async fn serve_async(
     let nbd = Server::new(ServerConfig::default());
     for (name, disk) in disks {
         daemon.add_chain(name, disk.clone())?;
-        let export = Export::new(Arc::new(DiskExport::new(disk.clone()))).read_only(config.read_only);
+        let export =
+            Export::new(Arc::new(DiskExport::new(disk.clone()))).read_only(config.read_only);
         nbd.add_export(name.clone(), export)?;
         daemon.add_export(name, name, !config.read_only)?;
     }
@@ -134,14 +138,18 @@ async fn serve_async(
         Some(NbdAddress::Unix(path)) => {
             let listener = bind_unix(path)?;
             let server = nbd.clone();
-            Some(tokio::spawn(async move { server.serve_unix_listener(listener).await }))
+            Some(tokio::spawn(async move {
+                server.serve_unix_listener(listener).await
+            }))
         }
         Some(NbdAddress::Tcp(address)) => {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .with_context(|| format!("Could not listen on {address}"))?;
             let server = nbd.clone();
-            Some(tokio::spawn(async move { server.serve_tcp_listener(listener).await }))
+            Some(tokio::spawn(async move {
+                server.serve_tcp_listener(listener).await
+            }))
         }
         None => None,
     };
@@ -150,19 +158,15 @@ async fn serve_async(
             let daemon = daemon.clone();
             let path = path.clone();
             let mut stop = stop_rx.clone();
-            let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-            let task = tokio::spawn(async move {
+            let listener = imgstream_qmp::bind_unix_socket(&path)
+                .with_context(|| format!("Could not create the QMP socket '{}'", path.display()))?;
+            Some(tokio::spawn(async move {
                 daemon
-                    .serve_unix_ready(&path, async move {
+                    .serve_unix_listener(listener, &path, async move {
                         let _ = stop.wait_for(|s| *s).await;
-                    }, bound_tx)
+                    })
                     .await
-            });
-            bound_rx
-                .await
-                .context("QMP server failed to start")?
-                .context("Could not create the QMP socket")?;
-            Some(task)
+            }))
         }
         None => None,
     };
@@ -177,7 +181,8 @@ async fn serve_async(
         _ = daemon.quit_requested() => tracing::info!("quit: shutting down"),
     }
     // Running jobs are cancelled (QEMU's quit does the same): headers stay as they are.
-    daemon.cancel_all_jobs();
+    let cancelling = daemon.clone();
+    let _ = tokio::task::spawn_blocking(move || cancelling.cancel_all_jobs()).await;
     let _ = stop_tx.send(true);
     nbd.shutdown();
     if let Some(task) = nbd_task {

@@ -228,11 +228,6 @@ pub async fn block_stream(daemon: &Arc<Daemon>, args: &Args) -> Result<Json, Qmp
             job: job.clone(),
             layers: used,
             filter: filter.map(String::from),
-            len: if base_depth > top + 1 {
-                node.disk.size()
-            } else {
-                0
-            },
         });
         job
     };

@@ -54,17 +54,7 @@ struct JobInfoReply<'a> {
 /// Snapshots of the jobs, newest first, as QEMU lists them.
 fn infos(daemon: &Daemon) -> Vec<JobInfo> {
     let entries = daemon.jobs();
-    entries
-        .iter()
-        .rev()
-        .map(|e| {
-            let mut info = e.job.info();
-            if info.len == 0 {
-                info.len = e.len;
-            }
-            info
-        })
-        .collect()
+    entries.iter().rev().map(|e| e.job.info()).collect()
 }
 
 pub fn query_block_jobs(daemon: &Daemon) -> Json {
