@@ -67,7 +67,7 @@ pub trait JobWork: Send + 'static {
     /// The job type on the wire (`stream`).
     fn job_type(&self) -> &'static str;
     /// Total work in bytes, known before the job starts (reported from `created` on).
-    fn len(&self) -> u64;
+    fn total_bytes(&self) -> u64;
     /// Does the work; an error fails the job.
     fn run(&mut self, control: &JobControl) -> Result<(), JobError>;
     /// Applies the result (e.g. rewrites the image header) once the job succeeded and is
@@ -174,7 +174,7 @@ impl Job {
                     cancelled: false,
                     limit: RateLimit::new(options.speed),
                     speed: options.speed,
-                    len: work.len(),
+                    len: work.total_bytes(),
                     offset: 0,
                     copied: 0,
                     io_status: IoStatus::Ok,
@@ -480,10 +480,6 @@ pub struct JobControl {
 }
 
 impl JobControl {
-    pub fn set_len(&self, len: u64) {
-        self.job.lock().len = len;
-    }
-
     /// Records `processed` more bytes of progress, `copied` of which were written.
     pub fn progress(&self, processed: u64, copied: u64) {
         let mut state = self.job.lock();

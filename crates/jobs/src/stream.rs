@@ -50,7 +50,7 @@ impl JobWork for StreamJob {
         "stream"
     }
 
-    fn len(&self) -> u64 {
+    fn total_bytes(&self) -> u64 {
         if self.options.base_depth <= 1 {
             // Nothing lies between the top and the base: QEMU reports len 0.
             0
