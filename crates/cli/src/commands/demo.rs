@@ -34,7 +34,7 @@ pub struct Args {
 /// The byte the base holds at `offset`: every other MiB has data, a pattern per MiB.
 fn base_byte(offset: u64) -> u8 {
     let mib = offset / MIB;
-    if mib % 2 == 0 {
+    if mib.is_multiple_of(2) {
         (mib % 251) as u8 + 1
     } else {
         0
@@ -115,7 +115,7 @@ pub fn run(args: Args) -> Result<u8> {
             while !done.load(Ordering::SeqCst) {
                 let length = (rng.next() % 16 + 1) * 4096;
                 let offset = (rng.next() % ((size - length) / 512)) * 512;
-                if rng.next() % 3 == 0 {
+                if rng.next().is_multiple_of(3) {
                     let byte = (rng.next() % 255 + 1) as u8;
                     let data = vec![byte; length as usize];
                     guest.write(offset, &data)?;
