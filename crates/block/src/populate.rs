@@ -145,9 +145,47 @@ impl Disk {
         Ok((false, cluster_end))
     }
 
-    /// Copies the guest content of whole clusters `[start, end)` into the top: clusters that
-    /// read as zeroes become zero clusters (never zero-filled data, where the format can).
+    /// Copies the guest content of whole clusters `[start, end)` into the top. Large runs are
+    /// split across threads: the range is held exclusively, and the driver serialises its own
+    /// allocations, so the halves only share the disk's bandwidth.
     fn copy_up(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<PopulateOutcome> {
+        let workers = copy_workers();
+        let clusters = (end - start) / self.cluster_size;
+        if workers < 2 || end - start < PARALLEL_COPY_MIN || clusters < 2 {
+            return self.copy_run(layers, start, end);
+        }
+        let per_worker = clusters.div_ceil(workers as u64) * self.cluster_size;
+        let results: Vec<Result<PopulateOutcome>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers as u64)
+                .map(|i| start + i * per_worker)
+                .filter(|&from| from < end)
+                .map(|from| {
+                    let to = (from + per_worker).min(end);
+                    scope.spawn(move || self.copy_run(layers, from, to))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(imgstream_format::Error::new(
+                            imgstream_format::ErrorKind::Io,
+                            "A copy-up thread panicked",
+                        ))
+                    })
+                })
+                .collect()
+        });
+        let mut outcome = PopulateOutcome::default();
+        for result in results {
+            outcome.add(result?);
+        }
+        Ok(outcome)
+    }
+
+    /// Copies whole clusters `[start, end)`: clusters that read as zeroes become zero
+    /// clusters (never zero-filled data, where the format can), the rest new data clusters.
+    fn copy_run(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<PopulateOutcome> {
         let top = &top_of(layers)?.image;
         let cs = self.cluster_size;
         let mut buffer = vec![0u8; (end - start) as usize];
@@ -178,6 +216,20 @@ impl Disk {
         }
         Ok(outcome)
     }
+}
+
+/// Runs shorter than this are copied by the calling thread alone.
+const PARALLEL_COPY_MIN: u64 = 256 << 10;
+
+/// Threads that copy one run in parallel: the machine's cores, at most 4.
+fn copy_workers() -> usize {
+    static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *WORKERS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+    })
 }
 
 #[cfg(test)]

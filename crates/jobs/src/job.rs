@@ -493,6 +493,11 @@ impl JobControl {
         state.limit.delay_at(bytes, Instant::now());
     }
 
+    /// The current speed limit (0 = none).
+    pub fn speed(&self) -> u64 {
+        self.job.lock().speed
+    }
+
     pub fn is_cancelled(&self) -> bool {
         self.job.lock().cancelled
     }

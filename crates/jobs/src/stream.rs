@@ -8,13 +8,19 @@ use crate::job::{JobControl, JobError, JobWork};
 use imgstream_block::{BackingRef, Disk};
 use std::sync::Arc;
 
-/// Bytes copied per step (QEMU's STREAM_BUFFER_SIZE is 512 KiB); also the granularity of
-/// pause, cancel and rate limiting.
+/// Bytes copied per step under a speed limit (QEMU's STREAM_BUFFER_SIZE is 512 KiB): the
+/// granularity of pause, cancel and rate limiting.
 pub const STREAM_CHUNK: u64 = 512 << 10;
 
-/// Copied bytes after which the job flushes the image, so that a crash loses at most this
-/// much of the work done (a restarted stream skips what was flushed).
-pub const FLUSH_INTERVAL: u64 = 256 << 20;
+/// Bytes copied per step without a speed limit: fewer, larger steps cost less per byte
+/// (still a few milliseconds each, so pause and cancel stay prompt).
+pub const UNLIMITED_CHUNK: u64 = 4 << 20;
+
+/// The job flushes the image after this much copied data or [`FLUSH_PERIOD`], whichever
+/// comes first, so a crash loses at most that much work (a restarted stream skips what was
+/// flushed). Each flush waits for the device, so they must stay rare.
+pub const FLUSH_INTERVAL: u64 = 4 << 30;
+pub const FLUSH_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What to stream.
 #[derive(Debug, Clone)]
@@ -27,6 +33,8 @@ pub struct StreamOptions {
     /// Rewrite the header even when nothing is copied (a `backing-file` was given).
     pub rewrite_header_always: bool,
     pub on_error: OnError,
+    /// Copied bytes between flushes ([`FLUSH_INTERVAL`] by default).
+    pub flush_interval: u64,
 }
 
 /// A stream job over an open disk.
@@ -71,6 +79,7 @@ impl JobWork for StreamJob {
         disk.set_copy_on_read(base_depth);
         let mut first_error = None;
         let mut since_flush = 0;
+        let mut last_flush = std::time::Instant::now();
         let mut offset = 0;
         while offset < len {
             if !control.pause_point() {
@@ -82,7 +91,12 @@ impl JobWork for StreamJob {
                     if !needed {
                         return Ok((run, None));
                     }
-                    let n = run.min(STREAM_CHUNK);
+                    let chunk = if control.speed() == 0 {
+                        UNLIMITED_CHUNK
+                    } else {
+                        STREAM_CHUNK
+                    };
+                    let n = run.min(chunk);
                     disk.populate(offset, n, base_depth)
                         .map(|done| (n, Some(done)))
                 });
@@ -94,9 +108,12 @@ impl JobWork for StreamJob {
                         control.account(written);
                     }
                     since_flush += written;
-                    if since_flush >= FLUSH_INTERVAL {
+                    if since_flush >= self.options.flush_interval
+                        || (since_flush > 0 && last_flush.elapsed() >= FLUSH_PERIOD)
+                    {
                         disk.flush().map_err(job_error)?;
                         since_flush = 0;
+                        last_flush = std::time::Instant::now();
                     }
                     offset += n;
                 }

@@ -119,6 +119,7 @@ pub fn run(args: Args) -> Result<u8> {
         new_backing,
         rewrite_header_always: args.backing_file.is_some(),
         on_error,
+        flush_interval: imgstream_jobs::stream::FLUSH_INTERVAL,
     };
     let last_event: Arc<Mutex<Option<JobEvent>>> = Arc::new(Mutex::new(None));
     let json = args.json;

@@ -211,6 +211,7 @@ pub async fn block_stream(daemon: &Arc<Daemon>, args: &Args) -> Result<Json, Qmp
                 new_backing,
                 rewrite_header_always: backing_file.is_some(),
                 on_error,
+                flush_interval: imgstream_jobs::stream::FLUSH_INTERVAL,
             },
         );
         let options = JobOptions {
