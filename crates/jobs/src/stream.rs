@@ -27,6 +27,9 @@ pub struct StreamOptions {
     /// Rewrite the header even when nothing is copied (a `backing-file` was given).
     pub rewrite_header_always: bool,
     pub on_error: OnError,
+    /// Copied bytes between flushes ([`FLUSH_INTERVAL`] normally; crash tests lower it so
+    /// that a small image sees several durable checkpoints).
+    pub flush_interval: u64,
 }
 
 /// A stream job over an open disk.
@@ -86,7 +89,7 @@ impl JobWork for StreamJob {
                         control.account(written);
                     }
                     since_flush += written;
-                    if since_flush >= FLUSH_INTERVAL {
+                    if since_flush >= self.options.flush_interval.max(1) {
                         disk.flush().map_err(job_error)?;
                         since_flush = 0;
                     }
