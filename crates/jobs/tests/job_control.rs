@@ -41,7 +41,7 @@ fn successful_stream_emits_qemus_event_order_and_drops_the_backing_file() {
     );
     let info = job.info();
     assert_eq!((info.offset, info.len), (f.size, f.size));
-    drop(disk);
+    close(disk);
     assert_eq!(backing_of(&f.top, "qcow2"), None);
     assert_check_clean(&f.top, "qcow2", "after stream");
     assert_same_as_raw(&f.top, "qcow2", &f.before, "after stream");
@@ -81,7 +81,7 @@ fn pause_holds_the_offset_and_resume_continues() {
     let paused = names.iter().position(|n| n == "paused").unwrap();
     assert_eq!(names[paused + 1], "running", "{names:?}");
     assert_eq!(job.info().offset, f.size);
-    drop(disk);
+    close(disk);
     assert_eq!(backing_of(&f.top, "qcow2"), None);
     assert_same_as_raw(&f.top, "qcow2", &f.before, "after resume");
 }
@@ -109,7 +109,7 @@ fn cancel_leaves_the_header_and_content_as_they_were() {
         assert!(!names.iter().any(|n| n.starts_with("BLOCK_JOB_COMPLETED")));
         let info = job.info();
         assert!(info.offset < info.len, "{fmt}: {info:?}");
-        drop(disk);
+        close(disk);
         assert_unchanged(&f, &format!("{fmt} after cancel"));
     }
 }
@@ -210,7 +210,7 @@ fn cancel_in_pending_keeps_the_backing_file_although_everything_was_copied() {
         Some(JobEvent::Cancelled { offset, len, .. }) => assert_eq!(offset, len),
         other => panic!("no BLOCK_JOB_CANCELLED: {other:?}"),
     }
-    drop(disk);
+    close(disk);
     assert_unchanged(&f, "cancel in pending");
     // ... and the top really holds everything: it reads the same without its backing file.
     let alone = f.dir.path().join("alone.qcow2");
@@ -272,6 +272,6 @@ fn stream_with_nothing_to_copy_has_len_zero() {
         Some(JobEvent::Completed { len, offset, .. }) => assert_eq!((*len, *offset), (0, 0)),
         other => panic!("no completion: {other:?}"),
     }
-    drop(disk);
+    close(disk);
     assert_unchanged(&f, "no-op stream");
 }
