@@ -29,7 +29,8 @@ bytes() { numfmt --from=iec "$1"; }
 make_chain() {
     local dir=$1 size=$2 basefmt=$3 n mib=$((1 << 20))
     n=$(($(bytes "$size") / mib))
-    [ -f "$dir/top.qcow2" ] && return
+    [ -f "$dir/done" ] && return
+    rm -rf "$dir"
     mkdir -p "$dir"
     if [ "$basefmt" = raw ]; then
         qemu-img create -q -f raw "$dir/base.raw" "$size"
@@ -42,14 +43,15 @@ make_chain() {
     # of every 2.5 MiB elsewhere.
     for ((i = 0; i < n; i += 2)); do echo "write -q -P 0xaa $((i * mib)) 1M"; done |
         qemu-io -f "$basefmt" "$dir/base.$basefmt" >/dev/null
-    for ((k = 0; k * 5 / 2 < n; k++)); do
+    for ((k = 0; (k * 5 + 4) / 2 <= n; k++)); do
         off=$((k * 5 * mib / 2))
         echo "write -q -P 0xcc $((off + 512 * 1024)) 256k"
         if ((k % 4 == 0)); then echo "write -q -z $((off + 1536 * 1024)) 128k"; fi
     done | qemu-io -f qcow2 "$dir/mid.qcow2" >/dev/null
-    for ((k = 0; k * 5 / 2 < n; k++)); do
+    for ((k = 0; (k * 5 + 4) / 2 <= n; k++)); do
         echo "write -q -P 0xdd $((k * 5 * mib / 2 + 1024 * 1024)) 128k"
     done | qemu-io -f qcow2 "$dir/top.qcow2" >/dev/null
+    touch "$dir/done"
 }
 
 now() { date +%s.%N; }
@@ -178,7 +180,7 @@ for size in $SIZES; do
         for tool in imgstream rebase qsd; do
             # shellcheck disable=SC2086
             med=$(median ${wall[$tool]})
-            ratio=$(echo "scale=2; $img_med / $med" | bc)
+            ratio=$(awk -v a="$img_med" -v b="$med" 'BEGIN {printf "%.2f", a / b}')
             # shellcheck disable=SC2086
             rss_mib=$(printf '%s\n' ${rss[$tool]} | sort -g | tail -1 | awk '{printf "%.1f", $1/1024}')
             oks=$(printf '%s\n' ${ver[$tool]} | grep -c '^ok$' || true)
