@@ -330,8 +330,7 @@ fn last_event(stdout: &str, name: &str) -> Result<Value> {
     stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == name)
-        .last()
+        .rfind(|v| v["event"] == name)
         .with_context(|| format!("no {name} in:\n{stdout}"))
 }
 

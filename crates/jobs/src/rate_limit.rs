@@ -20,10 +20,13 @@ impl RateLimit {
     /// A limiter for `bytes_per_second` (0 = unlimited).
     pub fn new(bytes_per_second: u64) -> Self {
         let now = Instant::now();
+        // No slice yet (QEMU's ratelimit_init zeroes slice_end): the first accounting, even at
+        // an instant taken just before this one, starts a fresh slice.
+        let past = now.checked_sub(SLICE).unwrap_or(now);
         let mut limit = RateLimit {
             quota: 0,
-            slice_start: now,
-            slice_end: now,
+            slice_start: past,
+            slice_end: past,
             dispatched: 0,
         };
         limit.set_speed(bytes_per_second);
