@@ -10,4 +10,4 @@ pub mod stream;
 pub use error_policy::{ErrorAction, IoStatus, OnError};
 pub use job::{Job, JobControl, JobError, JobEvent, JobInfo, JobOptions, JobWork, VerbError};
 pub use status::{JobStatus, JobVerb};
-pub use stream::{StreamJob, StreamOptions, STREAM_CHUNK};
+pub use stream::{StreamJob, StreamOptions, FLUSH_INTERVAL, STREAM_CHUNK};

@@ -3,7 +3,9 @@
 use crate::size::{human_size, parse_size};
 use anyhow::{bail, Context, Result};
 use imgstream_block::{BackingRef, Disk};
-use imgstream_jobs::{Job, JobEvent, JobOptions, JobStatus, OnError, StreamJob, StreamOptions};
+use imgstream_jobs::{
+    Job, JobEvent, JobOptions, JobStatus, OnError, StreamJob, StreamOptions, FLUSH_INTERVAL,
+};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,6 +43,9 @@ pub struct Args {
     /// Print progress and the final event as JSON lines.
     #[arg(long)]
     json: bool,
+    /// Copied bytes between flushes (for crash tests; not for users).
+    #[arg(long, hide = true, default_value_t = FLUSH_INTERVAL)]
+    flush_interval: u64,
     image: PathBuf,
 }
 
@@ -119,7 +124,7 @@ pub fn run(args: Args) -> Result<u8> {
         new_backing,
         rewrite_header_always: args.backing_file.is_some(),
         on_error,
-        flush_interval: imgstream_jobs::stream::FLUSH_INTERVAL,
+        flush_interval: args.flush_interval,
     };
     let last_event: Arc<Mutex<Option<JobEvent>>> = Arc::new(Mutex::new(None));
     let json = args.json;
@@ -153,6 +158,15 @@ pub fn run(args: Args) -> Result<u8> {
         vec![recorder],
     )?;
     watch(&job, &args, &disk);
+    if json {
+        // The events carry QEMU's fields only; bytes copied (not just covered) are worth having
+        // for scripts and for tests that check a restarted stream skips what was done.
+        let info = job.info();
+        println!(
+            "{}",
+            serde_json::json!({"event": "STREAM_SUMMARY", "len": info.len, "offset": info.offset, "copied": info.copied})
+        );
+    }
     let event = last_event.lock().ok().and_then(|e| e.clone());
     match event {
         Some(JobEvent::Completed { error: None, .. }) => Ok(0),
