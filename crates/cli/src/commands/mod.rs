@@ -1,5 +1,6 @@
 //! The subcommands and their arguments, in the style of `qemu-img`.
 
+mod bench;
 mod check;
 mod convert;
 mod create;
@@ -47,6 +48,7 @@ enum Command {
     Rebase(rebase::Args),
     /// Run guest I/O commands on an image (like qemu-io).
     Io(io::Args),
+    Bench(bench::Args),
 }
 
 /// Runs the command; the returned code is the process exit code.
@@ -59,6 +61,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Convert(args) => convert::run(args),
         Command::Rebase(args) => rebase::run(args),
         Command::Io(args) => io::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
