@@ -1,5 +1,6 @@
 //! The subcommands and their arguments, in the style of `qemu-img`.
 
+mod bench;
 mod check;
 mod convert;
 mod create;
@@ -59,6 +60,8 @@ enum Command {
     Ctl(ctl::Args),
     /// Copy into an image what it borrows from its backing chain, then drop the chain.
     Stream(stream::Args),
+    /// Measure I/O throughput on an image (like qemu-img bench).
+    Bench(bench::Args),
 }
 
 /// Runs the command; the returned code is the process exit code.
@@ -75,6 +78,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Ctl(args) => ctl::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

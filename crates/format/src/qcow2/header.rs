@@ -369,7 +369,8 @@ impl Header {
             )));
         }
         let start = self.backing_file_offset;
-        let end = start + size as u64;
+        // saturating: a hostile offset near 2^64 must fail the bounds check, not wrap past it.
+        let end = start.saturating_add(size as u64);
         if end > self.cluster_size() || end > file_size || end as usize > bytes.len() {
             return Err(Error::corrupt(format!(
                 "Backing file name at {start} ({size} bytes) lies outside the first cluster"

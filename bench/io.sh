@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# I/O benchmark: imgstream bench against qemu-img bench on the same 2 GiB qcow2 image (64 KiB
+# clusters), side by side in one run. Each workload runs REPS times per tool, the tools
+# interleaved within each repetition so that drift hits them alike; the table gives medians
+# with min–max, the ratio imgstream/QEMU of throughput, and each tool's peak RSS.
+#
+# QEMU runs twice: `-t none -i threads` (O_DIRECT, no page cache) and its default cache mode
+# (writeback, also threads). imgstream always goes through the page cache (no O_DIRECT), so the
+# like-for-like comparison is with QEMU's default; the `-t none` column shows what bypassing the
+# cache costs or gains on this machine.
+#
+# Usage: bench/io.sh            (REPS=3, results in bench/results/io-<date>.md)
+#        REPS=1 SKIP_BUILD=1 bench/io.sh
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+reps=${REPS:-3}
+work="$root/bench/work"
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+imgstream="$target_dir/release/imgstream"
+results="$root/bench/results"
+stamp=$(date +%Y-%m-%d)
+out="$results/io-$stamp.md"
+mkdir -p "$work" "$results"
+
+if [[ -z ${SKIP_BUILD:-} ]]; then
+    (cd "$root" && CARGO_TARGET_DIR="$target_dir" cargo build --release -p imgstream)
+fi
+[[ -x /usr/bin/time ]] || { echo "io.sh: /usr/bin/time missing (apt-get install time)" >&2; exit 1; }
+
+size=2G
+full="$work/full.qcow2"
+empty="$work/empty.qcow2"
+pattern=165 # 0xa5: writes carry data, so nothing can turn them into zero clusters
+# Odd multiple of 4 KiB: stepping by it modulo 2 GiB visits every 4 KiB block once, in an order
+# that jumps across the whole disk (and its L2 tables). Both tools get the same offsets.
+scatter_step=$((4096 * 7919))
+
+echo "== preparing $full (2 GiB, 64 KiB clusters, every cluster written)"
+rm -f "$full"
+qemu-img create -q -f qcow2 -o cluster_size=64k "$full" "$size"
+for ((g = 0; g < 8; g++)); do
+    qemu-io -f qcow2 -c "write -P 0x5a $((g * 256))M 256M" "$full" >/dev/null
+done
+
+# The page cache: dropping it needs root in the host; where we cannot, every run starts warm
+# (the image read once just before), so both tools face the same state.
+can_drop=0
+if [[ -w /proc/sys/vm/drop_caches ]]; then can_drop=1; fi
+settle_cache() {
+    sync
+    if ((can_drop)); then echo 3 >/proc/sys/vm/drop_caches; fi
+    cat "$1" >/dev/null
+}
+
+# name | image (full, or empty = a fresh empty image per run) | bench options | bytes per request
+workloads=(
+    "seq-read-64k|full|-c 32768 -d 16 -s 64k|65536"
+    "seq-write-64k (in place)|full|-w -c 32768 -d 16 -s 64k|65536"
+    "scattered-read-4k QD16|full|-c 131072 -d 16 -s 4k -S $scatter_step|4096"
+    "scattered-write-4k QD16 (in place)|full|-w -c 131072 -d 16 -s 4k -S $scatter_step|4096"
+    "alloc-write-64k seq (empty image)|empty|-w -c 16384 -d 16 -s 64k|65536"
+    "alloc-write-4k scattered QD16 (empty image)|empty|-w -c 32768 -d 16 -s 4k -S $scatter_step|4096"
+)
+tools=("qemu-none" "qemu-default" "imgstream")
+
+raw="$work/raw.tsv"
+: >"$raw"
+# run TOOL IMAGE OPTIONS...: prints "seconds<TAB>peak RSS KiB".
+run() {
+    local tool=$1 image=$2
+    shift 2
+    local cmd
+    case $tool in
+        qemu-none) cmd=(qemu-img bench -f qcow2 -t none -i threads --pattern="$pattern") ;;
+        qemu-default) cmd=(qemu-img bench -f qcow2 --pattern="$pattern") ;;
+        imgstream) cmd=("$imgstream" bench -f qcow2 --pattern "$pattern") ;;
+    esac
+    local log="$work/run.log"
+    /usr/bin/time -v -o "$work/time.log" "${cmd[@]}" "$@" "$image" >"$log" 2>&1 || {
+        echo "io.sh: $tool failed:" >&2
+        cat "$log" >&2
+        exit 1
+    }
+    local seconds rss
+    seconds=$(sed -n 's/^Run completed in \([0-9.]*\) seconds\./\1/p' "$log")
+    rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$work/time.log")
+    printf '%s\t%s\n' "$seconds" "$rss"
+}
+
+for ((rep = 1; rep <= reps; rep++)); do
+    for spec in "${workloads[@]}"; do
+        IFS='|' read -r name image options bytes <<<"$spec"
+        for tool in "${tools[@]}"; do
+            if [[ $image == empty ]]; then
+                rm -f "$empty"
+                qemu-img create -q -f qcow2 -o cluster_size=64k "$empty" "$size"
+                img=$empty
+            else
+                img=$full
+            fi
+            settle_cache "$img"
+            # shellcheck disable=SC2086 # options are words
+            result=$(run "$tool" "$img" $options)
+            count=$(sed -n 's/.*-c \([0-9]*\).*/\1/p' <<<"$options")
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$tool" "$rep" "$count" "$bytes" "$result" >>"$raw"
+            echo "rep $rep  $name  $tool: $(cut -f1 <<<"$result") s"
+        done
+        if [[ $image == empty ]]; then
+            qemu-img check -q -f qcow2 "$empty" || { echo "io.sh: check of $empty failed" >&2; exit 1; }
+        fi
+    done
+done
+qemu-img check -q -f qcow2 "$full" || { echo "io.sh: check of $full failed" >&2; exit 1; }
+
+{
+    echo "# I/O benchmark: imgstream bench vs qemu-img bench ($stamp)"
+    echo
+    echo "Generated by \`bench/io.sh\` (REPS=$reps) at commit $(git -C "$root" rev-parse --short HEAD)$(git -C "$root" diff --quiet || echo ' (with local changes)')."
+    echo
+    echo "- Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB RAM, kernel $(uname -r), $(df -T "$work" | awk 'NR==2 {print $2}') on the image folder."
+    echo "  **Shared machine**: other engineers' builds and tests may have run at the same time; figures"
+    echo "  carry that noise. Compare columns of this run only, not with other runs."
+    echo "- $(qemu-img --version | head -1); imgstream release build ($(rustc --version))."
+    echo "- Image: 2 GiB qcow2, 64 KiB clusters, every cluster written before the run (\`qemu-io write\`)."
+    echo "  Allocating writes use a fresh empty 2 GiB image per run."
+    echo "- Page cache: $( ((can_drop)) && echo 'dropped, then the image read once' || echo 'could not be dropped (no permission); the image is read once before every run, so every run starts warm')."
+    echo "- Columns: QEMU \`-t none -i threads\` (O_DIRECT); QEMU default cache (writeback, threads);"
+    echo "  imgstream (page cache, one thread per request in flight). MiB/s = request bytes / time of the"
+    echo "  requests (\`Run completed in\`), median of $reps (min–max). Ratio = imgstream / QEMU, medians."
+    echo "  Peak RSS: /usr/bin/time -v, median, MiB."
+    echo "- \"scattered\": \`-S $scatter_step\` (4 KiB × 7919): offsets step across the whole disk"
+    echo "  modulo 2 GiB, the same for both tools (qemu-img bench has no random mode)."
+    echo "- Writes fill requests with 0xa5; \`qemu-img check\` passes on every image afterwards."
+    echo
+    python3 - "$raw" <<'EOF'
+import sys, statistics
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+order, data = [], {}
+for name, tool, rep, count, size, seconds, rss in rows:
+    if name not in order:
+        order.append(name)
+    mibs = int(count) * int(size) / float(seconds) / (1 << 20)
+    data.setdefault((name, tool), []).append((mibs, int(rss) / 1024, int(count) / float(seconds)))
+def cell(values, fmt="{:.0f}"):
+    med = statistics.median(values)
+    return f"{fmt.format(med)} ({fmt.format(min(values))}–{fmt.format(max(values))})", med
+tools = ["qemu-none", "qemu-default", "imgstream"]
+print("| workload | QEMU -t none MiB/s | QEMU default MiB/s | imgstream MiB/s | imgstream IOPS | ratio vs QEMU default | ratio vs QEMU -t none | peak RSS MiB (none / default / imgstream) |")
+print("|---|---|---|---|---|---|---|---|")
+for name in order:
+    cells, meds = [], {}
+    for tool in tools:
+        text, med = cell([v[0] for v in data[(name, tool)]])
+        cells.append(text)
+        meds[tool] = med
+    iops, _ = cell([v[2] for v in data[(name, "imgstream")]])
+    rss = " / ".join(f"{statistics.median([v[1] for v in data[(name, t)]]):.0f}" for t in tools)
+    print(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {iops} | "
+          f"{meds['imgstream'] / meds['qemu-default']:.2f} | {meds['imgstream'] / meds['qemu-none']:.2f} | {rss} |")
+EOF
+    echo
+    echo "Raw runs (workload, tool, rep, requests, bytes each, seconds, peak RSS KiB):"
+    echo
+    echo '```'
+    cat "$raw"
+    echo '```'
+} >"$out"
+echo "== wrote $out"
+cat "$out"
