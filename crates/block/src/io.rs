@@ -148,7 +148,7 @@ impl Disk {
             buffer[(pos - first) as usize..(piece_end - first) as usize]
                 .copy_from_slice(&data[(pos - offset) as usize..(piece_end - offset) as usize]);
             let host = image.allocate_clusters(count)?;
-            image.storage().write_at(host, &buffer)?;
+            write_allocated(image.as_ref(), host, count, &buffer)?;
             image.map_clusters(first, host, count)?;
             pos = piece_end;
         }
@@ -271,6 +271,23 @@ impl Disk {
         let layers = self.read_layers();
         top_of(&layers)?.image.flush()
     }
+}
+
+/// Writes data into freshly allocated clusters; if the write fails, they are handed back
+/// (nothing maps them yet), so an I/O error or ENOSPC does not leak them.
+pub(crate) fn write_allocated(
+    image: &dyn imgstream_format::ImageFormat,
+    host: u64,
+    count: u64,
+    data: &[u8],
+) -> Result<()> {
+    if let Err(error) = image.storage().write_at(host, data) {
+        if let Err(release_error) = image.release_clusters(host, count) {
+            tracing::warn!("could not release clusters after a failed write: {release_error}");
+        }
+        return Err(error);
+    }
+    Ok(())
 }
 
 pub(crate) fn top_of(layers: &[Arc<Layer>]) -> Result<&Arc<Layer>> {

@@ -3,7 +3,7 @@
 //! allocation under the lock, so it never overwrites what the guest wrote.
 
 use crate::chain::Layer;
-use crate::io::{read_through, top_of};
+use crate::io::{read_through, top_of, write_allocated};
 use crate::status::allocated_above;
 use crate::{Disk, Result};
 use std::sync::Arc;
@@ -205,8 +205,10 @@ impl Disk {
                 outcome.zeroed += run_end - run_start;
             } else {
                 let host = top.allocate_clusters(count)?;
-                top.storage().write_at(
+                write_allocated(
+                    top.as_ref(),
                     host,
+                    count,
                     &buffer[(run_start - start) as usize..(run_end - start) as usize],
                 )?;
                 top.map_clusters(run_start, host, count)?;

@@ -196,6 +196,12 @@ pub trait ImageFormat: Send + Sync + std::fmt::Debug {
     /// crash in between only leaks them.
     fn allocate_clusters(&self, count: u64) -> Result<u64>;
 
+    /// Hands back `count` clusters from `allocate_clusters` that were never mapped (their data
+    /// write failed), so they do not leak. Formats that cannot release space do nothing.
+    fn release_clusters(&self, _host_offset: u64, _count: u64) -> Result<()> {
+        Ok(())
+    }
+
     /// Points `count` guest clusters starting at `guest_offset` at the host clusters starting at
     /// `host_offset` (from `allocate_clusters`, already holding their data). What those guest
     /// clusters mapped to before is released.

@@ -382,6 +382,14 @@ impl Metadata {
         Ok(crate::Extent { mapping, length })
     }
 
+    /// Queues never-mapped clusters for release, like the clusters an entry stops naming.
+    pub fn release(&mut self, host: u64, count: u64) {
+        self.pending_free.push(PendingFree {
+            offset: host,
+            length: count * self.cluster_size,
+        });
+    }
+
     /// Points guest clusters at freshly written host clusters.
     pub fn map_clusters(&mut self, guest: u64, host: u64, count: u64) -> Result<()> {
         for i in 0..count {

@@ -233,6 +233,11 @@ impl ImageFormat for Qcow2 {
         self.writable_meta()?.allocate(count)
     }
 
+    fn release_clusters(&self, host_offset: u64, count: u64) -> Result<()> {
+        self.writable_meta()?.release(host_offset, count);
+        Ok(())
+    }
+
     fn map_clusters(&self, guest_offset: u64, host_offset: u64, count: u64) -> Result<()> {
         self.check_guest_range(guest_offset, count)?;
         self.writable_meta()?
