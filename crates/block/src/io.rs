@@ -169,32 +169,40 @@ impl Disk {
         let _guard = self
             .locks
             .exclusive(self.align_down(offset), self.align_up(end));
+        // Whole clusters in the middle; the partial clusters at either end are written.
         let whole_start = self.align_up(offset);
         let whole_end = self.align_down(end).max(whole_start);
         if whole_start > offset {
             self.write_zero_data(&layers, offset, whole_start.min(end))?;
         }
-        if whole_end > whole_start && !top.image.releases_clusters() {
-            self.zero_without_release(&layers, whole_start, whole_end)?;
-        } else if whole_end > whole_start {
-            let count = (whole_end - whole_start) / self.cluster_size;
-            let recorded = top.image.zero_clusters(whole_start, count)?;
-            if !recorded {
-                if layers.len() == 1 {
-                    // Without a backing image, unallocated clusters read as zeroes.
-                    top.image.unmap_clusters(whole_start, count)?;
-                } else {
-                    self.write_zero_data(&layers, whole_start, whole_end)?;
-                }
-            }
+        if whole_end > whole_start {
+            self.zero_whole_clusters(&layers, whole_start, whole_end)?;
         }
-        if end > whole_end && whole_end >= whole_start && end > whole_start {
+        if end > whole_end {
             self.write_zero_data(&layers, whole_end, end)?;
         }
         if fua {
             top.image.flush()?;
         }
         Ok(())
+    }
+
+    /// Makes whole clusters `[start, end)` read as zeroes, as cheaply as the format allows.
+    fn zero_whole_clusters(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<()> {
+        let image = &top_of(layers)?.image;
+        if !image.releases_clusters() {
+            return self.zero_without_release(layers, start, end);
+        }
+        let count = (end - start) / self.cluster_size;
+        if image.zero_clusters(start, count)? {
+            return Ok(());
+        }
+        if layers.len() == 1 {
+            // Without a backing image, unallocated clusters read as zeroes.
+            image.unmap_clusters(start, count)?;
+            return Ok(());
+        }
+        self.write_zero_data(layers, start, end)
     }
 
     /// Whole clusters on a format that cannot release space: allocated clusters get zeroes
