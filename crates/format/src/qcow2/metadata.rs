@@ -667,17 +667,7 @@ impl Metadata {
         if !self.has_dirty_metadata() {
             return Ok(());
         }
-        let dirty_blocks: Vec<u64> = self
-            .refblocks
-            .slots
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(k, _)| *k)
-            .collect();
-        for offset in &dirty_blocks {
-            self.storage
-                .write_at(*offset, &self.refblocks.slots[offset].table)?;
-        }
+        let dirty_blocks = self.write_dirty_refblocks()?;
         if self.reftable_dirty {
             // A refcount block's contents must be durable before the table entry naming it.
             self.storage.flush()?;
@@ -734,9 +724,35 @@ impl Metadata {
                 slot.dirty = false;
             }
         }
-        // Only now are released clusters unreferenced on disk, so only now may they be reused;
-        // their lowered refcounts reach the disk with the next write-back (a crash leaks them).
-        self.apply_pending_frees()
+        // Only now are released clusters unreferenced on disk, so only now may they be reused.
+        // Their lowered refcounts are written at once: left for the next write-back, a clean
+        // close (one write-back) would leave them leaked. A crash before this write leaks them.
+        if self.pending_free.is_empty() {
+            return Ok(());
+        }
+        self.apply_pending_frees()?;
+        for offset in self.write_dirty_refblocks()? {
+            if let Some(slot) = self.refblocks.slots.get_mut(&offset) {
+                slot.dirty = false;
+            }
+        }
+        self.storage.flush()
+    }
+
+    /// Writes every dirty refcount block (without marking it clean) and returns their offsets.
+    fn write_dirty_refblocks(&mut self) -> Result<Vec<u64>> {
+        let dirty_blocks: Vec<u64> = self
+            .refblocks
+            .slots
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(k, _)| *k)
+            .collect();
+        for offset in &dirty_blocks {
+            self.storage
+                .write_at(*offset, &self.refblocks.slots[offset].table)?;
+        }
+        Ok(dirty_blocks)
     }
 
     /// Writes the header fields (first `header_length` bytes) in one write.
