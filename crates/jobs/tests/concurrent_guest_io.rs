@@ -135,8 +135,6 @@ fn guest_writes_and_reads_without_a_stream_leave_a_clean_qcow2() {
 }
 
 #[test]
-#[ignore = "known bug in crates/format: Qcow2's Drop does one write-back, so refcounts \
-            lowered by its apply_pending_frees never reach the disk (leaked clusters)"]
 fn closing_after_overwrites_leaks_nothing() {
     let f = Fixture::new("qcow2", 4);
     let disk = f.open();
