@@ -260,8 +260,8 @@ async fn settle_no_op(job: Job) {
     let waited = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + NO_OP_SETTLE;
         loop {
-            let status = job.info().status;
             let info = job.info();
+            let status = info.status;
             let parked = (status == JobStatus::Pending && !info.auto_finalize)
                 || (status == JobStatus::Concluded && !info.auto_dismiss);
             if status == JobStatus::Null || parked || Instant::now() >= deadline {
