@@ -10,6 +10,7 @@ pub mod probe;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
+pub mod recording;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};

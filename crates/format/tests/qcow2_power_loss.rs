@@ -9,14 +9,13 @@
 //! table only 64 blocks; with 1-bit refcounts a block covers 4096 clusters.
 
 use imgstream_format::qcow2::{self, Qcow2};
-use imgstream_format::{
-    BackingRef, CreateOptions, ImageFormat, Mapping, OpenOptions, RepairMode, Result, Storage,
-};
+use imgstream_format::recording::{Operation, RecordingStorage};
+use imgstream_format::{BackingRef, CreateOptions, ImageFormat, Mapping, OpenOptions, RepairMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 const RW: OpenOptions = OpenOptions { writable: true };
 const RO: OpenOptions = OpenOptions { writable: false };
@@ -25,91 +24,6 @@ const SIZE: u64 = 8 << 20;
 const SEED: u64 = 0x9011e7;
 /// qemu-img check is run on this many cut states (spread evenly); ours runs on all of them.
 const QEMU_CHECKS: usize = 150;
-
-#[derive(Debug, Clone)]
-enum Event {
-    Write(u64, Vec<u8>),
-    SetLen(u64),
-    Flush,
-}
-
-/// In-memory storage that records every operation.
-#[derive(Debug)]
-struct RecordingStorage {
-    bytes: Mutex<Vec<u8>>,
-    events: Mutex<Vec<Event>>,
-    path: PathBuf,
-}
-
-impl RecordingStorage {
-    fn new(bytes: Vec<u8>) -> Self {
-        RecordingStorage {
-            bytes: Mutex::new(bytes),
-            events: Mutex::new(Vec::new()),
-            path: PathBuf::from("recording.qcow2"),
-        }
-    }
-
-    fn events(&self) -> Vec<Event> {
-        self.events.lock().unwrap().clone()
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        self.bytes.lock().unwrap().clone()
-    }
-}
-
-fn apply(bytes: &mut Vec<u8>, event: &Event) {
-    match event {
-        Event::Write(offset, data) => {
-            let end = *offset as usize + data.len();
-            if bytes.len() < end {
-                bytes.resize(end, 0);
-            }
-            bytes[*offset as usize..end].copy_from_slice(data);
-        }
-        Event::SetLen(len) => bytes.resize(*len as usize, 0),
-        Event::Flush => {}
-    }
-}
-
-impl Storage for RecordingStorage {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let bytes = self.bytes.lock().unwrap();
-        buf.fill(0);
-        let start = (offset as usize).min(bytes.len());
-        let end = (offset as usize + buf.len()).min(bytes.len());
-        buf[..end - start].copy_from_slice(&bytes[start..end]);
-        Ok(())
-    }
-
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        let event = Event::Write(offset, buf.to_vec());
-        apply(&mut self.bytes.lock().unwrap(), &event);
-        self.events.lock().unwrap().push(event);
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<()> {
-        self.events.lock().unwrap().push(Event::Flush);
-        Ok(())
-    }
-
-    fn len(&self) -> Result<u64> {
-        Ok(self.bytes.lock().unwrap().len() as u64)
-    }
-
-    fn set_len(&self, len: u64) -> Result<()> {
-        let event = Event::SetLen(len);
-        apply(&mut self.bytes.lock().unwrap(), &event);
-        self.events.lock().unwrap().push(event);
-        Ok(())
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
 
 /// What guest cluster `cluster` holds: its index, repeated, so a mapping that points at
 /// another cluster's (or freed and reused) data is caught.
@@ -172,7 +86,7 @@ fn workload(image: &Qcow2, rounds: u64) {
 /// Opens a state read-only: our check finds no corruption, and each data cluster holds the
 /// data written for its guest cluster.
 fn assert_consistent(bytes: Vec<u8>, what: &str) {
-    let storage = Arc::new(RecordingStorage::new(bytes));
+    let storage = Arc::new(RecordingStorage::in_memory(bytes, "recording.qcow2"));
     let image = Qcow2::open(storage, RO).unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
     let report = image
         .check(RepairMode::None)
@@ -215,7 +129,7 @@ fn qemu_check_no_corruption(path: &Path, what: &str) {
 }
 
 fn power_loss_at_every_point(version: u32, refcount_bits: u32, rounds: u64) {
-    let created = RecordingStorage::new(Vec::new());
+    let created = RecordingStorage::in_memory(Vec::new(), "recording.qcow2");
     qcow2::create(
         &created,
         &CreateOptions {
@@ -226,15 +140,18 @@ fn power_loss_at_every_point(version: u32, refcount_bits: u32, rounds: u64) {
         },
     )
     .unwrap();
-    let initial = created.bytes();
+    let initial = created.bytes().unwrap();
     let initial_reftable = u64::from_be_bytes(initial[48..56].try_into().unwrap());
 
-    let storage = Arc::new(RecordingStorage::new(initial.clone()));
+    let storage = Arc::new(RecordingStorage::in_memory(
+        initial.clone(),
+        "recording.qcow2",
+    ));
     let image = Qcow2::open(storage.clone(), RW).unwrap();
     workload(&image, rounds);
     drop(image);
-    let events = storage.events();
-    let final_bytes = storage.bytes();
+    let events = storage.operations();
+    let final_bytes = storage.bytes().unwrap();
     let final_reftable = u64::from_be_bytes(final_bytes[48..56].try_into().unwrap());
     if refcount_bits == 64 {
         assert_ne!(
@@ -262,16 +179,16 @@ fn power_loss_at_every_point(version: u32, refcount_bits: u32, rounds: u64) {
         let later = &events[durable_upto..cut];
         // All later writes in order; only the last (it overtook the others); a random subset.
         let mut in_order = durable.clone();
-        later.iter().for_each(|e| apply(&mut in_order, e));
+        later.iter().for_each(|e| e.apply(&mut in_order));
         let mut last_only = durable.clone();
         if let Some(e) = later.last() {
-            apply(&mut last_only, e);
+            e.apply(&mut last_only);
         }
         let mut subset = durable.clone();
         later
             .iter()
             .filter(|_| rng.gen_bool(0.5))
-            .for_each(|e| apply(&mut subset, e));
+            .for_each(|e| e.apply(&mut subset));
         let mut states = vec![(in_order, "in order"), (last_only, "last only")];
         // The random subsets are the costliest to check: every fourth cut.
         if cut % 4 == 0 {
@@ -289,9 +206,9 @@ fn power_loss_at_every_point(version: u32, refcount_bits: u32, rounds: u64) {
             }
             assert_consistent(state, &what);
         }
-        if let Some(Event::Flush) = events.get(cut) {
+        if let Some(Operation::Flush) = events.get(cut) {
             for event in &events[durable_upto..cut] {
-                apply(&mut durable, event);
+                event.apply(&mut durable);
             }
             durable_upto = cut;
         }

@@ -3,13 +3,13 @@
 //! power cut at any point of a flush leaves an image both checkers accept.
 
 use imgstream_format::qed::{self, Qed};
+use imgstream_format::recording::{Operation, RecordingStorage};
 use imgstream_format::{
     BackingRef, CreateOptions, Extent, FileStorage, ImageFormat, Mapping, OpenOptions, RepairMode,
-    Result, Storage,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 const RW: OpenOptions = OpenOptions { writable: true };
 const RO: OpenOptions = OpenOptions { writable: false };
@@ -446,93 +446,6 @@ fn eight_threads_allocating_and_mapping_at_once_leave_a_clean_image() {
     assert_qemu_reads(&path, &reads);
 }
 
-/// One operation that reached the storage.
-#[derive(Debug, Clone)]
-enum Event {
-    Write(u64, Vec<u8>),
-    SetLen(u64),
-    Flush,
-}
-
-/// In-memory storage that records every operation, so a test can rebuild what the disk would
-/// hold if power failed at any point.
-#[derive(Debug)]
-struct RecordingStorage {
-    bytes: Mutex<Vec<u8>>,
-    events: Mutex<Vec<Event>>,
-    path: PathBuf,
-}
-
-impl RecordingStorage {
-    fn new(bytes: Vec<u8>) -> Self {
-        RecordingStorage {
-            bytes: Mutex::new(bytes),
-            events: Mutex::new(Vec::new()),
-            path: PathBuf::from("recording.qed"),
-        }
-    }
-
-    fn events(&self) -> Vec<Event> {
-        self.events.lock().unwrap().clone()
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        self.bytes.lock().unwrap().clone()
-    }
-}
-
-fn apply(bytes: &mut Vec<u8>, event: &Event) {
-    match event {
-        Event::Write(offset, data) => {
-            let end = *offset as usize + data.len();
-            if bytes.len() < end {
-                bytes.resize(end, 0);
-            }
-            bytes[*offset as usize..end].copy_from_slice(data);
-        }
-        Event::SetLen(len) => bytes.resize(*len as usize, 0),
-        Event::Flush => {}
-    }
-}
-
-impl Storage for RecordingStorage {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let bytes = self.bytes.lock().unwrap();
-        buf.fill(0);
-        let start = (offset as usize).min(bytes.len());
-        let end = (offset as usize + buf.len()).min(bytes.len());
-        buf[..end - start].copy_from_slice(&bytes[start..end]);
-        Ok(())
-    }
-
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        let event = Event::Write(offset, buf.to_vec());
-        apply(&mut self.bytes.lock().unwrap(), &event);
-        self.events.lock().unwrap().push(event);
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<()> {
-        self.events.lock().unwrap().push(Event::Flush);
-        Ok(())
-    }
-
-    fn len(&self) -> Result<u64> {
-        Ok(self.bytes.lock().unwrap().len() as u64)
-    }
-
-    fn set_len(&self, len: u64) -> Result<()> {
-        let event = Event::SetLen(len);
-        apply(&mut self.bytes.lock().unwrap(), &event);
-        self.events.lock().unwrap().push(event);
-        Ok(())
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
 /// A workload touching several L2 tables through a 2-table cache (so dirty tables get evicted),
 /// with zeroing, unmapping, a backing change and flushes in between; the last writes are never
 /// flushed.
@@ -569,7 +482,7 @@ fn crash_workload(qed: &Qed) {
 /// Opens a disk state read-only and checks that it is consistent and that every data entry
 /// points at the data written for that guest cluster.
 fn assert_consistent(bytes: Vec<u8>, what: &str) {
-    let storage = Arc::new(RecordingStorage::new(bytes));
+    let storage = Arc::new(RecordingStorage::in_memory(bytes, "recording.qed"));
     let qed = Qed::open(storage, RO).unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
     let report = qed.check(RepairMode::None).unwrap();
     assert_eq!(report.corruptions, 0, "{what}: {:?}", report.messages);
@@ -593,7 +506,7 @@ fn assert_consistent(bytes: Vec<u8>, what: &str) {
 
 #[test]
 fn power_loss_at_any_point_leaves_a_consistent_image() {
-    let created = RecordingStorage::new(Vec::new());
+    let created = RecordingStorage::in_memory(Vec::new(), "recording.qed");
     qed::create(
         &created,
         &CreateOptions {
@@ -604,17 +517,20 @@ fn power_loss_at_any_point_leaves_a_consistent_image() {
     .unwrap();
     // table_size 2 keeps tables small, so that the workload spans several of them (QEMU 10
     // cannot open table_size 1 images: it mistakes a one-cluster table for an overflow).
-    let mut initial = created.bytes();
+    let mut initial = created.bytes().unwrap();
     let mut header = qed::parse_header(&initial).unwrap();
     header.table_size = 2;
     initial[..64].copy_from_slice(&header.to_bytes());
     initial.truncate(3 * 4096);
 
-    let storage = Arc::new(RecordingStorage::new(initial.clone()));
+    let storage = Arc::new(RecordingStorage::in_memory(
+        initial.clone(),
+        "recording.qed",
+    ));
     let qed = Qed::open_with_cache(storage.clone(), RW, 2).unwrap();
     crash_workload(&qed);
     drop(qed);
-    let events = storage.events();
+    let events = storage.operations();
     assert!(
         events.len() > 50,
         "workload too small: {} events",
@@ -633,12 +549,12 @@ fn power_loss_at_any_point_leaves_a_consistent_image() {
         // Power fails after `cut` operations. Either they all reached the disk in order...
         let mut in_order = durable.clone();
         for event in &events[durable_upto..cut] {
-            apply(&mut in_order, event);
+            event.apply(&mut in_order);
         }
         // ...or only the flushed ones plus the very last, which overtook the others.
         let mut reordered = durable.clone();
         if cut > durable_upto {
-            apply(&mut reordered, &events[cut - 1]);
+            events[cut - 1].apply(&mut reordered);
         }
         for (state, model) in [(in_order, "in order"), (reordered, "reordered")] {
             let what = format!("cut after {cut} of {} operations ({model})", events.len());
@@ -646,9 +562,9 @@ fn power_loss_at_any_point_leaves_a_consistent_image() {
             std::fs::write(&file, &state).unwrap();
             assert_qemu_check_clean(&file, true);
         }
-        if let Some(Event::Flush) = events.get(cut) {
+        if let Some(Operation::Flush) = events.get(cut) {
             for event in &events[durable_upto..cut] {
-                apply(&mut durable, event);
+                event.apply(&mut durable);
             }
             durable_upto = cut;
         }

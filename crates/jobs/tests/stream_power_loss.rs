@@ -8,114 +8,21 @@ mod common;
 
 use common::*;
 use imgstream_block::{ChainOptions, Disk};
-use imgstream_format::{Result, Storage};
+use imgstream_format::recording::{power_loss_state, Operation, RecordingStorage};
 use imgstream_jobs::StreamOptions;
 use rand::Rng;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
-
-#[derive(Debug, Clone)]
-enum Op {
-    Write(u64, Vec<u8>),
-    Flush,
-    SetLen(u64),
-    Punch(u64, u64),
-}
-
-#[derive(Debug)]
-struct Recorder {
-    inner: Arc<dyn Storage>,
-    log: Arc<Mutex<Vec<Op>>>,
-}
-
-impl Storage for Recorder {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        let mut log = self.log.lock().unwrap();
-        log.push(Op::Write(offset, buf.to_vec()));
-        self.inner.write_at(offset, buf)
-    }
-    fn flush(&self) -> Result<()> {
-        let mut log = self.log.lock().unwrap();
-        log.push(Op::Flush);
-        self.inner.flush()
-    }
-    fn len(&self) -> Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        let mut log = self.log.lock().unwrap();
-        log.push(Op::SetLen(len));
-        self.inner.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
-        let mut log = self.log.lock().unwrap();
-        let done = self.inner.punch_hole(offset, len)?;
-        if done {
-            log.push(Op::Punch(offset, len));
-        }
-        Ok(done)
-    }
-    fn data_or_hole(&self, offset: u64) -> Result<Option<(bool, u64)>> {
-        self.inner.data_or_hole(offset)
-    }
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-}
-
-fn apply(file: &mut Vec<u8>, op: &Op) {
-    match op {
-        Op::Write(offset, data) => {
-            let end = *offset as usize + data.len();
-            if file.len() < end {
-                file.resize(end, 0);
-            }
-            file[*offset as usize..end].copy_from_slice(data);
-        }
-        Op::SetLen(len) => file.resize(*len as usize, 0),
-        Op::Punch(offset, len) => {
-            let end = (*offset + *len).min(file.len() as u64) as usize;
-            if (*offset as usize) < end {
-                file[*offset as usize..end].fill(0);
-            }
-        }
-        Op::Flush => {}
-    }
-}
-
-/// The file after a cut just before op `cut`: everything up to the last flush before it, and
-/// of the writes after that flush those `keep` selects.
-fn rebuild(pristine: &[u8], log: &[Op], cut: usize, keep: &mut dyn FnMut() -> bool) -> Vec<u8> {
-    let last_flush = log[..cut]
-        .iter()
-        .rposition(|op| matches!(op, Op::Flush))
-        .map_or(0, |i| i + 1);
-    let mut file = pristine.to_vec();
-    for op in &log[..last_flush] {
-        apply(&mut file, op);
-    }
-    for op in &log[last_flush..cut] {
-        if keep() {
-            apply(&mut file, op);
-        }
-    }
-    file
-}
 
 fn power_loss_during_stream(fmt: &'static str) {
     let (mut rng, seed) = seeded(&format!("power_loss_during_stream({fmt})"));
     let f = Fixture::new(fmt, 12);
     let pristine = std::fs::read(&f.top).unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let recording = log.clone();
+    let recorder: Arc<Mutex<Option<Arc<RecordingStorage>>>> = Arc::default();
+    let slot = recorder.clone();
     let disk = f.open_with_top_storage(move |inner| {
-        Arc::new(Recorder {
-            inner,
-            log: recording,
-        })
+        let recording = Arc::new(RecordingStorage::new(inner));
+        *slot.lock().unwrap() = Some(recording.clone());
+        recording
     });
     // Flushing every 512 KiB gives the cut points many durable checkpoints to land on.
     let options = StreamOptions {
@@ -125,11 +32,16 @@ fn power_loss_during_stream(fmt: &'static str) {
     let (job, events) = start(&disk, options, JobSetup::default());
     assert_eq!(job.wait_concluded(), None, "{:?}", events.names());
     close(disk);
-    let log = log.lock().unwrap().clone();
+    let log = recorder
+        .lock()
+        .unwrap()
+        .as_ref()
+        .expect("the top storage was wrapped")
+        .operations();
     let flushes: Vec<usize> = log
         .iter()
         .enumerate()
-        .filter(|(_, op)| matches!(op, Op::Flush))
+        .filter(|(_, op)| matches!(op, Operation::Flush))
         .map(|(i, _)| i)
         .collect();
     assert!(flushes.len() >= 8, "only {} flushes", flushes.len());
@@ -149,7 +61,7 @@ fn power_loss_during_stream(fmt: &'static str) {
             1 => rng.gen_bool(0.5),
             _ => true,
         };
-        let bytes = rebuild(&pristine, &log, cut, &mut keep);
+        let bytes = power_loss_state(&pristine, &log, cut, |_| keep());
         let image = f.dir.path().join(format!("cut-{n}.{fmt}"));
         std::fs::write(&image, &bytes).unwrap();
         let (code, text) = qemu_check(&image, fmt);
