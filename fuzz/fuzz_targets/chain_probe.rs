@@ -6,7 +6,7 @@
 use imgstream_block::chain::resolve_backing;
 use imgstream_format::probe::probe_format;
 use imgstream_format::{open_format, FormatKind, OpenOptions};
-use imgstream_fuzz::{MemStorage, MAX_IMAGE_BYTES};
+use imgstream_fuzz::{image_storage, MAX_IMAGE_BYTES};
 use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 
@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
     // (A 3-byte file "QED" probes as QED here, the zero padding completing the magic; the
     // open that follows must then fail cleanly.)
     let kind = probe_format(&head);
-    let storage = MemStorage::shared(data);
+    let storage = image_storage(data);
     let Ok(image) = open_format(kind, storage, OpenOptions { writable: false }) else {
         return;
     };

@@ -3,14 +3,14 @@
 #![no_main]
 
 use imgstream_format::{open_format, FormatKind, OpenOptions};
-use imgstream_fuzz::{walk, MemStorage, MAX_IMAGE_BYTES};
+use imgstream_fuzz::{image_storage, walk, MAX_IMAGE_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() > MAX_IMAGE_BYTES {
         return;
     }
-    let storage = MemStorage::shared(data);
+    let storage = image_storage(data);
     if let Ok(image) = open_format(FormatKind::Qcow2, storage, OpenOptions { writable: false }) {
         walk(image.as_ref());
     }

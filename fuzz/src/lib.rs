@@ -1,8 +1,8 @@
 //! What the fuzz targets share: an in-memory [`Storage`] holding the fuzzer's input as an image
 //! file, and a walk that asks an opened image every read-only question a reader would.
 
-use imgstream_format::{ImageFormat, Mapping, Result, Storage};
-use std::path::Path;
+use imgstream_format::recording::MemoryStorage;
+use imgstream_format::{ImageFormat, Mapping, Storage};
 use std::sync::Arc;
 
 /// Largest input the whole-image targets accept. Every table the drivers load must lie inside
@@ -16,56 +16,10 @@ const MAX_MAP_CALLS: usize = 4096;
 /// Offsets probed evenly over the virtual size, besides the walk from 0.
 const STRIDED_PROBES: u64 = 64;
 
-/// An image file held in memory, read-only: writes fail, reads past the end give zeroes.
-#[derive(Debug)]
-pub struct MemStorage {
-    bytes: Vec<u8>,
-}
-
-impl MemStorage {
-    /// A storage holding a copy of `bytes`, ready for `open_format`.
-    pub fn shared(bytes: &[u8]) -> Arc<dyn Storage> {
-        Arc::new(MemStorage {
-            bytes: bytes.to_vec(),
-        })
-    }
-}
-
-impl Storage for MemStorage {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        buf.fill(0);
-        let len = self.bytes.len() as u64;
-        if offset < len {
-            let start = offset as usize;
-            let n = buf.len().min(self.bytes.len() - start);
-            buf[..n].copy_from_slice(&self.bytes[start..start + n]);
-        }
-        Ok(())
-    }
-
-    fn write_at(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
-        Err(imgstream_format::Error::invalid(
-            "Fuzz storage is read-only",
-        ))
-    }
-
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-
-    fn len(&self) -> Result<u64> {
-        Ok(self.bytes.len() as u64)
-    }
-
-    fn set_len(&self, _len: u64) -> Result<()> {
-        Err(imgstream_format::Error::invalid(
-            "Fuzz storage is read-only",
-        ))
-    }
-
-    fn path(&self) -> &Path {
-        Path::new("/fuzz/image")
-    }
+/// The fuzzer's input as an image file in memory, ready for `open_format` (opened read-only,
+/// so nothing is ever written to it).
+pub fn image_storage(bytes: &[u8]) -> Arc<dyn Storage> {
+    Arc::new(MemoryStorage::new(bytes.to_vec(), "/fuzz/image"))
 }
 
 /// Asks `image` what a reader asks: metadata, then `map` from offset 0 extent by extent and at
