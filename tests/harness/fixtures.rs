@@ -154,6 +154,12 @@ impl Model {
         Ok(())
     }
 
+    /// Records a guest write of `data` at `offset`.
+    pub fn fill_from(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.range(offset, data.len() as u64)?.copy_from_slice(data);
+        Ok(())
+    }
+
     /// A new top layer of `size` bytes: reads past the backing file's end are zeroes.
     pub fn resize(&mut self, size: u64) {
         self.bytes.resize(size as usize, 0);

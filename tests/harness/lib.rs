@@ -1,5 +1,6 @@
 //! Shared helpers of the integration tests: fixtures built with qemu-img, oracles, the imgstream binary.
 
+pub mod daemon;
 pub mod damaged;
 pub mod fixtures;
 pub mod imgstream;

@@ -67,9 +67,12 @@ impl ExportBackend for DiskExport {
                 .disk
                 .block_status(pos, end - pos)
                 .map_err(backend_error)?;
+            // QEMU's NBD server sets HOLE wherever the chain has no data (zero clusters and
+            // holes of a raw base included), so `qemu-img map` over NBD agrees with a map of
+            // the file; "defined by some layer" is not what a client means by allocated.
             runs.push(StatusRun {
                 len: status.length,
-                hole: !status.present,
+                hole: !status.data,
                 zero: status.zero,
             });
             pos += status.length;

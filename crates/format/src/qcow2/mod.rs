@@ -264,6 +264,10 @@ impl ImageFormat for Qcow2 {
         if !self.writable {
             return Ok(());
         }
+        // Data first, without the metadata lock: after a stream has copied hundreds of MiB this
+        // fdatasync takes ~100 ms, and every guest request needs the lock to map its clusters.
+        // write_back syncs again under the lock, which then covers only what was written since.
+        self.storage.flush()?;
         self.meta()?.write_back()
     }
 
