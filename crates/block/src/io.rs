@@ -66,13 +66,30 @@ impl Disk {
         let first = self.align_down(offset);
         let last = self.align_up(offset + buf.len() as u64);
         let limit = self.copy_on_read_limit.load(Ordering::SeqCst);
-        if limit > 1 && self.writable {
+        if limit > 1 && self.writable && !self.top_defines(&layers, offset, buf.len() as u64)? {
             let _guard = self.locks.exclusive(first, last);
             self.populate_locked(&layers, first, last.min(self.align_up(self.size)), limit)?;
             return read_through(&layers, 0, offset, buf);
         }
         let _guard = self.locks.shared(first, last);
         read_through(&layers, 0, offset, buf)
+    }
+
+    /// Whether the top defines all of `[offset, offset + length)`: then a read has nothing to
+    /// copy up and need not serialise against anything (QEMU's COR filter checks the same).
+    /// A range the top defines stays defined, so the answer cannot go stale.
+    fn top_defines(&self, layers: &[Arc<Layer>], offset: u64, length: u64) -> Result<bool> {
+        let image = &top_of(layers)?.image;
+        let end = offset + length;
+        let mut pos = offset;
+        while pos < end {
+            let extent = image.map(pos, end - pos)?;
+            if !extent.mapping.is_allocated() {
+                return Ok(false);
+            }
+            pos += extent.length;
+        }
+        Ok(true)
     }
 
     /// Writes guest bytes; with `fua`, they are durable when this returns.
