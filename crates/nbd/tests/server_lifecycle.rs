@@ -169,11 +169,13 @@ fn serve_tcp_listens_on_loopback_and_stops_on_shutdown() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(
-        stream.read(&mut [0; 1]).unwrap(),
-        0,
-        "negotiating client not closed on shutdown"
-    );
+    // The server may close with our client flags still unread, which the
+    // kernel answers with a reset instead of an orderly end of stream.
+    let closed = match stream.read(&mut [0; 1]) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "negotiating client not closed on shutdown");
     assert_eq!(server.connections(), 0);
 }
 
