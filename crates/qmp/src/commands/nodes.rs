@@ -3,7 +3,7 @@
 
 use crate::args::Args;
 use crate::json::Json;
-use crate::state::{Daemon, Node};
+use crate::state::{Daemon, Node, ProtocolNode};
 use imgstream_block::chain::resolve_backing;
 use imgstream_block::{FormatKind, FormatSpecific, Layer};
 use serde::Serialize;
@@ -177,9 +177,49 @@ fn node_info(node: &Node, flat: bool) -> NodeInfo {
     }
 }
 
+/// A protocol node as QEMU shows it: the file itself, format `file`.
+fn protocol_info(node: &ProtocolNode) -> serde_json::Value {
+    let meta = std::fs::metadata(&node.path).ok();
+    let filename = node.path.display().to_string();
+    serde_json::json!({
+        "iops_rd": 0, "detect_zeroes": "off", "active": true,
+        "image": {
+            "virtual-size": meta.as_ref().map_or(0, |m| m.len()),
+            "filename": filename,
+            "format": "file",
+            "actual-size": meta.as_ref().map_or(0, |m| m.blocks() * 512),
+            "format-specific": {"type": "file", "data": {}},
+            "dirty-flag": false,
+        },
+        "iops_wr": 0, "ro": node.read_only, "node-name": node.name, "backing_file_depth": 0,
+        "drv": "file", "iops": 0, "bps_wr": 0, "write_threshold": 0, "encrypted": false,
+        "bps": 0, "bps_rd": 0,
+        "cache": {"no-flush": false, "direct": node.direct, "writeback": true},
+        "file": filename,
+    })
+}
+
 pub fn query_named_block_nodes(daemon: &Daemon, args: &Args) -> Json {
     let flat = args.bool("flat").unwrap_or(false);
-    let list: Vec<NodeInfo> = daemon.nodes().iter().map(|n| node_info(n, flat)).collect();
+    let mut list: Vec<(u64, serde_json::Value)> = daemon
+        .nodes()
+        .iter()
+        .map(|n| {
+            (
+                n.seq,
+                serde_json::to_value(node_info(n, flat)).unwrap_or_default(),
+            )
+        })
+        .collect();
+    list.extend(
+        daemon
+            .protocol_nodes()
+            .iter()
+            .map(|n| (n.seq, protocol_info(n))),
+    );
+    // QEMU lists the newest node first.
+    list.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+    let list: Vec<serde_json::Value> = list.into_iter().map(|(_, v)| v).collect();
     Json::of(&list)
 }
 
