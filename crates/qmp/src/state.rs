@@ -46,6 +46,9 @@ pub struct Node {
     pub file: Option<String>,
     /// Creation order among all nodes (protocol and format), as QEMU lists them.
     pub seq: u64,
+    /// Whether `backing` was given (a node or null) rather than opened from the header: QEMU
+    /// then names the node with a `json:` filename unless the header names that backing.
+    pub explicit_backing: bool,
 }
 
 /// A protocol node (`driver=file`): a path and its options; the format node above it opens
@@ -180,6 +183,7 @@ impl Daemon {
                 layer,
                 file: None,
                 seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+                explicit_backing: false,
             });
         }
         Ok(())
@@ -388,8 +392,8 @@ impl Daemon {
             let Some(daemon) = daemon.upgrade() else {
                 return;
             };
-            let (name, data) = job_event(event);
-            daemon.emit(name, data);
+            // A job gone to `null` leaves the registry before the event says so: a client
+            // that saw the event never finds it in query-block-jobs (as in QEMU).
             if let JobEvent::StatusChange {
                 id,
                 status: JobStatus::Null,
@@ -397,6 +401,8 @@ impl Daemon {
             {
                 lock(&daemon.jobs).retain(|j| &j.id != id);
             }
+            let (name, data) = job_event(event);
+            daemon.emit(name, data);
         })
     }
 }

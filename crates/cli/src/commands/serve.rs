@@ -363,6 +363,9 @@ async fn serve_async(
     // Running jobs are cancelled (QEMU's quit does the same): headers stay as they are.
     let cancelling = daemon.clone();
     let _ = tokio::task::spawn_blocking(move || cancelling.cancel_all_jobs()).await;
+    // QSD deletes its exports on the way out, and says so (BLOCK_EXPORT_DELETED) to the
+    // monitors before they close.
+    let _ = imgstream_qmp::commands::exports::nbd_server_stop(&daemon);
     let _ = stop_tx.send(true);
     nbd.shutdown();
     for task in qmp_tasks {

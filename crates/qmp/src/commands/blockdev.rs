@@ -289,6 +289,7 @@ fn add_format(
     let name = check_name(daemon, common.node_name, root)?;
     let writable = !common.read_only;
     let open_error = |e: imgstream_block::Error| QmpError::generic(e.to_string());
+    let explicit_backing = !matches!(backing, Backing::Recorded);
     let (disk, layer) = match backing {
         Backing::Recorded => {
             let options = ChainOptions {
@@ -338,6 +339,7 @@ fn add_format(
             layer,
             file: file_node,
             seq: daemon.next_seq(),
+            explicit_backing,
         });
     }
     Ok(name)
@@ -362,15 +364,17 @@ pub fn blockdev_del(daemon: &Daemon, name: &str) -> Result<(), QmpError> {
             "Failed to find node with node-name='{name}'"
         )));
     };
-    if daemon.exports().iter().any(|e| e.node == name) {
-        return Err(QmpError::generic(format!("Block device {name} is in use")));
-    }
     if daemon
         .jobs()
         .iter()
         .any(|j| j.layers.iter().any(|l| Arc::ptr_eq(l, &node.layer)))
     {
-        return Err(QmpError::generic(format!("Block device {name} is in use")));
+        return Err(QmpError::generic(format!(
+            "Node '{name}' is busy: block device is in use by block job: stream"
+        )));
+    }
+    if daemon.exports().iter().any(|e| e.node == name) {
+        return Err(QmpError::generic(format!("Node {name} is in use")));
     }
     for other in daemon.nodes() {
         if other.name == name {

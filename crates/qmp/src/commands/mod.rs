@@ -127,7 +127,12 @@ pub async fn dispatch(
     let reply = match name {
         "query-version" => misc::query_version(),
         "query-commands" => misc::query_commands(),
-        "quit" => return Ok((Json::empty_object(), After::Quit)),
+        "quit" => {
+            // QSD deletes its exports on the way out and tells the monitors
+            // (BLOCK_EXPORT_DELETED) before they close; ours close with the reply.
+            let _ = exports::nbd_server_stop(daemon);
+            return Ok((Json::empty_object(), After::Quit));
+        }
         "block-stream" => block_stream::block_stream(daemon, &args).await?,
         "query-block-jobs" => jobs::query_block_jobs(daemon),
         "query-jobs" => jobs::query_jobs(daemon),
