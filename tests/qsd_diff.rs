@@ -7,7 +7,9 @@
 mod qsd;
 
 use anyhow::Result;
-use qsd::{compare, create, hide_progress, node_summary, write, Scenario, Step};
+use qsd::{
+    compare, compare_startup_error, create, hide_progress, node_summary, write, Scenario, Step,
+};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -561,5 +563,78 @@ fn json_blockdev_and_inline_file_child() -> Result<()> {
         args,
         steps,
         chain_images(),
+    ))
+}
+
+#[test]
+fn startup_errors_match_qsd_messages_and_exit_code() -> Result<()> {
+    let file = "driver=file,filename=$DIR/disk.qcow2,node-name=f";
+    for args in [
+        vec!["--blockdev", "driver=nosuch"],
+        vec!["--blockdev", "driver=file"],
+        vec!["--blockdev", "driver=file,filename=$DIR/nonexistent"],
+        vec![
+            "--blockdev",
+            "driver=file,filename=$DIR/x,node-name=f,bogus=1",
+        ],
+        vec!["--blockdev", r#"{"driver":"file"}"#],
+        vec!["--blockdev", "driver=qcow2,file=nosuch,node-name=q"],
+        vec!["--export", "type=nbd,id=e,node-name=x"],
+        vec!["--nbd-server", "addr.type=unix"],
+        vec!["--blockdev", file, "--export", "type=nbd,id=e,node-name=f"],
+        vec!["--monitor", "chardev=nosuch"],
+    ] {
+        compare_startup_error(&args)?;
+    }
+    Ok(())
+}
+
+/// qemu-storage-daemon's documentation: "Export raw image file disk.img over NBD UNIX domain
+/// socket nbd.sock", and the same for a qcow2 image (its file node and qcow2 node as in the
+/// documentation's qcow2 example), served to `qemu-io` and `nbdinfo`.
+#[test]
+fn documentation_examples_serve_qemu_io_and_nbdinfo() -> Result<()> {
+    fn raw(dir: &Path) -> Result<()> {
+        create(dir, "disk.img", "raw", "4M", None)?;
+        write(dir, "disk.img", "raw", 0x3c, "0", "64k")
+    }
+    let raw_args = [
+        "--blockdev",
+        "driver=file,node-name=disk,filename=disk.img",
+        "--nbd-server",
+        "addr.type=unix,addr.path=nbd.sock",
+        "--export",
+        "type=nbd,id=export,node-name=disk,writable=on",
+    ];
+    compare(&scenario(
+        "documentation_raw",
+        raw,
+        raw_args.iter().map(|a| a.to_string()).collect(),
+        vec![
+            Step::NbdInfo("disk"),
+            Step::GuestIo("disk", vec!["read -P 0x3c 0 64k", "write -P 0x4d 1M 64k"]),
+        ],
+        vec![("disk.img", "raw")],
+    ))?;
+    let qcow2_args = [
+        "--blockdev",
+        "driver=file,node-name=file,filename=disk.qcow2",
+        "--blockdev",
+        "driver=qcow2,node-name=qcow2,file=file",
+        "--nbd-server",
+        "addr.type=unix,addr.path=nbd.sock",
+        "--export",
+        "type=nbd,id=export,node-name=qcow2,writable=on",
+    ];
+    compare(&scenario(
+        "documentation_qcow2",
+        single,
+        qcow2_args.iter().map(|a| a.to_string()).collect(),
+        vec![
+            Step::NbdInfo("qcow2"),
+            Step::GuestIo("qcow2", vec!["read -P 0x5a 0 1M", "write -P 0x4d 2M 64k"]),
+            query("query-block-exports"),
+        ],
+        vec![("disk.qcow2", QCOW2)],
     ))
 }

@@ -24,7 +24,7 @@ pub struct Args {
     pid_file: Option<PathBuf>,
     /// NODE=IMAGE: open IMAGE with its backing chain as node NODE (backing nodes NODE.1,
     /// NODE.2, ...), exported over NBD as NODE.
-    #[arg(required_unless_present_any = ["blockdev", "chardev", "nbd_server"])]
+    #[arg(required_unless_present_any = ["blockdev", "chardev", "nbd_server", "export", "monitor"])]
     nodes: Vec<String>,
     #[command(flatten)]
     qsd: QsdOptions,

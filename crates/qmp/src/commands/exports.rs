@@ -144,10 +144,7 @@ pub fn block_export_add(daemon: &Arc<Daemon>, mut opts: Opts) -> Result<Json, Qm
     opts.take("bitmaps");
     opts.bool("allocation-depth")?;
     opts.finish()?;
-    let host = daemon.nbd_host().ok_or_else(not_running)?;
-    if daemon.nbd_addr().is_none() {
-        return Err(not_running());
-    }
+    // QEMU's order: the id, the node, then what the NBD export type needs.
     if !id_wellformed(&id) {
         return Err(QmpError::generic("Invalid block export id"));
     }
@@ -155,6 +152,15 @@ pub fn block_export_add(daemon: &Arc<Daemon>, mut opts: Opts) -> Result<Json, Qm
         return Err(QmpError::generic(format!(
             "Block export id '{id}' is already in use"
         )));
+    }
+    if !daemon.has_node(&node_name) {
+        return Err(QmpError::generic(format!(
+            "Cannot find device='' nor node-name='{node_name}'"
+        )));
+    }
+    let host = daemon.nbd_host().ok_or_else(not_running)?;
+    if daemon.nbd_addr().is_none() {
+        return Err(not_running());
     }
     let disk = node_disk(daemon, &node_name)?;
     if writable && !disk.is_writable() {
