@@ -638,3 +638,72 @@ fn documentation_examples_serve_qemu_io_and_nbdinfo() -> Result<()> {
         vec![("disk.qcow2", QCOW2)],
     ))
 }
+
+/// base.qed <- top.qed, and a raw image beside them.
+fn qed_and_raw(dir: &Path) -> Result<()> {
+    create(dir, "base.qed", "qed", "4M", None)?;
+    create(dir, "top.qed", "qed", "4M", Some(("base.qed", "qed")))?;
+    write(dir, "base.qed", "qed", 0x21, "0", "1M")?;
+    write(dir, "top.qed", "qed", 0x42, "2M", "64k")?;
+    create(dir, "plain.img", "raw", "1M", None)?;
+    write(dir, "plain.img", "raw", 0x17, "0", "4k")
+}
+
+#[test]
+fn qed_and_raw_nodes_at_run_time() -> Result<()> {
+    let file = |name: &str, path: &str| {
+        cmd(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": name, "filename": format!("$DIR/{path}")}),
+        )
+    };
+    let steps = vec![
+        file("base-file", "base.qed"),
+        cmd(
+            "blockdev-add",
+            json!({"driver": "qed", "node-name": "base", "file": "base-file", "backing": null}),
+        ),
+        file("top-file", "top.qed"),
+        cmd(
+            "blockdev-add",
+            json!({"driver": "qed", "node-name": "top", "file": "top-file", "backing": "base"}),
+        ),
+        cmd(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "plain", "file": {"driver": "file", "filename": "$DIR/plain.img"}}),
+        ),
+        cmd(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "bad", "file": "top-file", "backing": "base"}),
+        ),
+        nodes(),
+        nbd_start(),
+        cmd(
+            "block-export-add",
+            json!({"type": "nbd", "id": "p", "node-name": "plain"}),
+        ),
+        Step::GuestIo("plain", vec!["read -P 0x17 0 4k", "write -P 1 8k 4k"]),
+        cmd("block-stream", json!({"job-id": "s", "device": "top"})),
+        Step::WaitEvent(JOB_GONE),
+        nodes(),
+    ];
+    compare(&scenario(
+        "qed_and_raw",
+        qed_and_raw,
+        vec![],
+        steps,
+        vec![
+            ("top.qed", "qed"),
+            ("base.qed", "qed"),
+            ("plain.img", "raw"),
+        ],
+    ))
+}
+
+#[test]
+fn daemonize_returns_once_the_daemon_listens() -> Result<()> {
+    for daemon in [qsd::Daemon::Qsd, qsd::Daemon::Imgstream] {
+        qsd::daemonized_session(daemon)?;
+    }
+    Ok(())
+}

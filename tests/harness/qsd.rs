@@ -298,11 +298,10 @@ fn run_step(
                     .filter(|l| !l.contains(" ops; "))
                     .map(String::from)
                     .collect();
-                transcript.replies.push(format!(
-                    "qemu-io {}: {}",
-                    out.status.success(),
-                    text.join(" | ")
-                ));
+                let line = format!("qemu-io {}: {}", out.status.success(), text.join(" | "));
+                transcript
+                    .replies
+                    .push(line.replace(&dir.display().to_string(), "$DIR"));
             }
         }
     }
@@ -541,4 +540,58 @@ pub fn nbdinfo(dir: &Path, name: &str) -> Result<Value> {
         "can_zero": export["can_zero"],
         "contexts": export["contexts"],
     }))
+}
+
+/// Starts `daemon` with `--daemonize`: the launcher must exit 0 once the daemon listens; the
+/// daemon then answers QMP and exits on `quit`. The daemon is killed if anything fails.
+pub fn daemonized_session(daemon: Daemon) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pidfile = dir.path().join("pid");
+    let qmp = dir.path().join("qmp.sock");
+    let status = daemon
+        .command()?
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qmp.display()
+        ))
+        .args(["--monitor", "chardev=m", "--daemonize", "--pidfile"])
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .status()?;
+    let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
+    let pid = pid.trim().to_string();
+    // Kills the daemonized process however this ends.
+    struct Pid(String);
+    impl Drop for Pid {
+        fn drop(&mut self) {
+            if !self.0.is_empty() && Path::new(&format!("/proc/{}", self.0)).exists() {
+                let _ = Command::new("kill").args(["-9", &self.0]).status();
+            }
+        }
+    }
+    let guard = Pid(pid.clone());
+    if !status.success() || pid.is_empty() {
+        bail!("{daemon:?}: launcher exited with {status}, pid file '{pid}'");
+    }
+    let mut monitor = Monitor::connect(&qmp)?;
+    monitor.read()?;
+    monitor.send(&json!({"execute": "qmp_capabilities"}))?;
+    monitor.read()?;
+    monitor.send(&json!({"execute": "query-block-exports"}))?;
+    let reply = monitor.read()?;
+    if reply != json!({"return": []}) {
+        bail!("{daemon:?}: {reply}");
+    }
+    monitor.send(&json!({"execute": "quit"}))?;
+    while monitor.read().is_ok() {}
+    let stopped = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if stopped.elapsed() > STARTUP_LIMIT {
+            bail!("{daemon:?} did not exit after quit");
+        }
+        std::thread::sleep(RETRY_INTERVAL);
+    }
+    drop(guard);
+    Ok(())
 }
