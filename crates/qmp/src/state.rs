@@ -176,13 +176,16 @@ impl Daemon {
         if let Some(taken) = names.iter().find(|n| nodes.iter().any(|x| &x.name == *n)) {
             return Err(StateError::DuplicateNode(taken.clone()));
         }
-        for (name, layer) in names.into_iter().zip(layers) {
+        // Backing images first, as QSD users add them: listed newest first, the top leads.
+        let count = layers.len() as u64;
+        let first = self.next_seq.fetch_add(count, Ordering::Relaxed);
+        for (depth, (name, layer)) in names.into_iter().zip(layers).enumerate() {
             nodes.push(Node {
                 name,
                 disk: disk.clone(),
                 layer,
                 file: None,
-                seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+                seq: first + count - 1 - depth as u64,
                 explicit_backing: false,
             });
         }
