@@ -707,3 +707,37 @@ fn daemonize_returns_once_the_daemon_listens() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn export_del_safe_mode_waits_for_clients_hard_mode_does_not() -> Result<()> {
+    let steps = vec![
+        nbd_start(),
+        cmd(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "disk", "writable": true}),
+        ),
+        Step::Connect("disk"),
+        cmd("block-export-del", json!({"id": "e"})),
+        cmd("block-export-del", json!({"id": "e", "mode": "safe"})),
+        query("query-block-exports"),
+        Step::Disconnect,
+        cmd("block-export-del", json!({"id": "e"})),
+        Step::WaitEvent("\"id\":\"e\""),
+        cmd(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e2", "node-name": "disk", "writable": true}),
+        ),
+        Step::Connect("disk"),
+        cmd("block-export-del", json!({"id": "e2", "mode": "hard"})),
+        Step::WaitEvent("\"id\":\"e2\""),
+        Step::Disconnect,
+        query("query-block-exports"),
+    ];
+    compare(&scenario(
+        "export_del_modes",
+        single,
+        single_args(),
+        steps,
+        vec![("disk.qcow2", QCOW2)],
+    ))
+}

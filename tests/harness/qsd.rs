@@ -3,6 +3,7 @@
 //! (replies, events, guest I/O output, final images) for the two to be compared.
 
 use anyhow::{bail, Context, Result};
+use imgstream_tests::qemu::QemuIoSession;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -49,6 +50,10 @@ pub enum Step {
     GuestIo(&'static str, Vec<&'static str>),
     /// What `nbdinfo` says of export `name` on `$DIR/nbd.sock`.
     NbdInfo(&'static str),
+    /// Connects an NBD client (`qemu-io`, kept open) to export `name`.
+    Connect(&'static str),
+    /// Disconnects the clients of [`Step::Connect`].
+    Disconnect,
 }
 
 /// A scenario: images made by `setup`, the daemon's arguments, the steps, and the images to
@@ -229,8 +234,9 @@ fn drive(scenario: &Scenario, dir: &Path, qmp: &Path, child: &mut Running) -> Re
     monitor.read()?; // the greeting differs by design (package name)
     monitor.send(&json!({"execute": "qmp_capabilities"}))?;
     monitor.read()?;
+    let mut clients = Vec::new();
     for (index, step) in scenario.steps.iter().enumerate() {
-        run_step(&mut monitor, &mut transcript, step, dir)
+        run_step(&mut monitor, &mut transcript, &mut clients, step, dir)
             .with_context(|| format!("step {index}"))?;
     }
     finish(monitor, transcript, scenario, dir, child)
@@ -239,6 +245,7 @@ fn drive(scenario: &Scenario, dir: &Path, qmp: &Path, child: &mut Running) -> Re
 fn run_step(
     monitor: &mut Monitor,
     transcript: &mut Transcript,
+    clients: &mut Vec<QemuIoSession>,
     step: &Step,
     dir: &Path,
 ) -> Result<()> {
@@ -275,6 +282,18 @@ fn run_step(
                             .events
                             .push(normalise(&event_shape(&message), dir));
                     }
+                }
+            }
+            Step::Connect(export) => {
+                let uri = format!(
+                    "nbd+unix:///{export}?socket={}",
+                    dir.join("nbd.sock").display()
+                );
+                clients.push(QemuIoSession::open(Path::new(&uri), "raw")?);
+            }
+            Step::Disconnect => {
+                for client in clients.drain(..) {
+                    client.close()?;
                 }
             }
             Step::NbdInfo(export) => {
