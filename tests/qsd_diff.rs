@@ -741,3 +741,41 @@ fn export_del_safe_mode_waits_for_clients_hard_mode_does_not() -> Result<()> {
         vec![("disk.qcow2", QCOW2)],
     ))
 }
+
+#[test]
+fn file_options_and_read_only_nodes() -> Result<()> {
+    let args = vec![
+        "--blockdev".to_string(),
+        "driver=file,filename=$DIR/top.qcow2,aio=threads,locking=off,auto-read-only=on,node-name=top-file".to_string(),
+        "--blockdev".to_string(),
+        "driver=qcow2,file=top-file,read-only=on,node-name=top".to_string(),
+    ];
+    let steps = vec![
+        nodes(),
+        nbd_start(),
+        cmd(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "top", "writable": true}),
+        ),
+        cmd(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e", "node-name": "top"}),
+        ),
+        Step::GuestIo("top", vec!["read -P 0x44 3M 512k"]),
+        cmd(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "f2", "filename": "$DIR/mid.qcow2", "aio": "bogus"}),
+        ),
+        cmd(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "f2", "filename": "$DIR/mid.qcow2", "locking": "maybe"}),
+        ),
+    ];
+    compare(&scenario(
+        "file_options",
+        chain3,
+        args,
+        steps,
+        chain_images(),
+    ))
+}

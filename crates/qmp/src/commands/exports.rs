@@ -164,9 +164,9 @@ pub fn block_export_add(daemon: &Arc<Daemon>, mut opts: Opts) -> Result<Json, Qm
     }
     let disk = node_disk(daemon, &node_name)?;
     if writable && !disk.is_writable() {
-        return Err(QmpError::generic(format!(
-            "Could not export node '{node_name}' writable: node is read-only"
-        )));
+        return Err(QmpError::generic(
+            "Cannot export read-only node as writable",
+        ));
     }
     if daemon.exports().iter().any(|e| e.name == name) {
         return Err(QmpError::generic(format!(
