@@ -583,6 +583,20 @@ fn startup_errors_match_qsd_messages_and_exit_code() -> Result<()> {
         vec!["--nbd-server", "addr.type=unix"],
         vec!["--blockdev", file, "--export", "type=nbd,id=e,node-name=f"],
         vec!["--monitor", "chardev=nosuch"],
+        // QSD applies its options in command-line order.
+        vec![
+            "--nbd-server",
+            "addr.type=unix,addr.path=$DIR/nbd.sock",
+            "--export",
+            "type=nbd,id=e,node-name=f",
+            "--blockdev",
+            file,
+        ],
+        vec![
+            "--monitor=chardev=m",
+            "--chardev",
+            "socket,id=m,path=$DIR/m.sock,server=on,wait=off",
+        ],
     ] {
         compare_startup_error(&args)?;
     }

@@ -4,7 +4,8 @@
 use crate::export::NbdServerHost;
 use anyhow::{bail, Context, Result};
 use imgstream_block::Disk;
-use imgstream_qmp::{Daemon, NbdAddr, NbdHost};
+use imgstream_qmp::qsd_args::{parse_option, Opts};
+use imgstream_qmp::{Daemon, NbdAddr, NbdHost, QmpError};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -55,6 +56,17 @@ pub struct QsdOptions {
     /// Run in the background once every socket listens.
     #[arg(long)]
     daemonize: bool,
+    /// The options above in command-line order (filled by `run`).
+    #[arg(skip)]
+    order: Vec<QsdOption>,
+}
+
+/// One QSD option as written: its name, its value, and its spelling for messages.
+#[derive(Debug, Clone)]
+struct QsdOption {
+    name: &'static str,
+    value: String,
+    spelled: String,
 }
 
 /// Where the NBD server listens.
@@ -89,7 +101,9 @@ pub struct ServeConfig {
     pub nodes: Vec<(String, PathBuf)>,
 }
 
-pub fn run(args: Args) -> Result<u8> {
+pub fn run(mut args: Args) -> Result<u8> {
+    let argv: Vec<String> = std::env::args().collect();
+    args.qsd.order = command_line_order(&argv);
     let nodes = args
         .nodes
         .iter()
@@ -230,69 +244,127 @@ pub fn serve_with(config: ServeConfig, qsd: QsdOptions, ready: impl FnOnce()) ->
 }
 
 /// Turns a QSD-style option failure into QSD's message: `--OPTION VALUE: reason`.
-fn option_error(option: &str, text: &str, desc: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("--{option} {text}: {desc}")
+fn option_error(spelled: &str, desc: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("{spelled}: {desc}")
 }
 
-/// Applies the QSD options (nodes, NBD server, exports) to `daemon`; returns the monitor
-/// socket paths.
+/// The QSD options in the order QSD applies them: command-line order when known, else nodes,
+/// NBD server, exports, character devices, monitors.
+fn ordered_options(qsd: &QsdOptions) -> Vec<QsdOption> {
+    if !qsd.order.is_empty() {
+        return qsd.order.clone();
+    }
+    let named = |name: &'static str, texts: &[String]| -> Vec<QsdOption> {
+        texts
+            .iter()
+            .map(|text| QsdOption {
+                name,
+                value: text.clone(),
+                spelled: format!("--{name} {text}"),
+            })
+            .collect()
+    };
+    let mut order = named("blockdev", &qsd.blockdev);
+    order.extend(named("nbd-server", qsd.nbd_server.as_slice()));
+    order.extend(named("export", &qsd.export));
+    order.extend(named("chardev", &qsd.chardev));
+    order.extend(named("monitor", &qsd.monitor));
+    order
+}
+
+/// The QSD options of `argv` in command-line order (`--name value` or `--name=value`); clap
+/// has checked them already and collects them by name only.
+fn command_line_order(argv: &[String]) -> Vec<QsdOption> {
+    const NAMES: &[&str] = &["blockdev", "nbd-server", "export", "chardev", "monitor"];
+    let mut order = Vec::new();
+    let mut args = argv.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            break;
+        }
+        let Some(option) = arg.strip_prefix("--") else {
+            continue;
+        };
+        let (name, inline) = match option.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_string())),
+            None => (option, None),
+        };
+        if let Some(name) = NAMES.iter().find(|n| **n == name) {
+            let spelled_inline = inline.is_some();
+            if let Some(value) = inline.or_else(|| args.next().cloned()) {
+                // QSD's messages repeat the option as it was written.
+                let spelled = if spelled_inline {
+                    arg.clone()
+                } else {
+                    format!("{arg} {value}")
+                };
+                order.push(QsdOption {
+                    name,
+                    value,
+                    spelled,
+                });
+            }
+        }
+    }
+    order
+}
+
+/// A `--chardev`: only unix sockets that serve (QSD's monitor sockets).
+fn read_chardev(opts: &mut Opts) -> Result<(String, PathBuf), QmpError> {
+    let backend = opts.req_str("backend")?;
+    let id = opts.req_str("id")?;
+    if backend != "socket" {
+        return Err(QmpError::generic(format!(
+            "imgstream: chardev backend '{backend}' is not supported"
+        )));
+    }
+    let path = opts.req_str("path")?;
+    opts.bool("server")?;
+    opts.bool("wait")?;
+    opts.finish()?;
+    Ok((id, PathBuf::from(path)))
+}
+
+/// A `--monitor`: the socket path of its character device.
+fn read_monitor(opts: &mut Opts, chardevs: &[(String, PathBuf)]) -> Result<PathBuf, QmpError> {
+    let id = opts.req_str("chardev")?;
+    opts.str("id")?;
+    opts.enum_value("mode", &["readline", "control"])?;
+    opts.bool("pretty")?;
+    opts.finish()?;
+    chardevs
+        .iter()
+        .find(|(c, _)| *c == id)
+        .map(|(_, path)| path.clone())
+        .ok_or_else(|| QmpError::generic(format!("chardev \"{id}\" not found")))
+}
+
+/// Applies the QSD options to `daemon` in QSD's order; returns the monitor socket paths.
 fn apply_qsd_options(daemon: &Arc<Daemon>, qsd: &QsdOptions) -> Result<Vec<PathBuf>> {
     use imgstream_qmp::commands::{blockdev, exports};
-    use imgstream_qmp::qsd_args::parse_option;
-    for text in &qsd.blockdev {
-        let opts = parse_option(text, None).map_err(|e| option_error("blockdev", text, e))?;
-        blockdev::blockdev_add(daemon, opts).map_err(|e| option_error("blockdev", text, e.desc))?;
-    }
-    if let Some(text) = &qsd.nbd_server {
-        let opts = parse_option(text, None).map_err(|e| option_error("nbd-server", text, e))?;
-        exports::nbd_server_start(daemon, opts, false)
-            .map_err(|e| option_error("nbd-server", text, e.desc))?;
-    }
-    for text in &qsd.export {
-        let opts = parse_option(text, Some("type")).map_err(|e| option_error("export", text, e))?;
-        exports::block_export_add(daemon, opts)
-            .map_err(|e| option_error("export", text, e.desc))?;
-    }
     let mut chardevs = Vec::new();
-    for text in &qsd.chardev {
-        let mut opts =
-            parse_option(text, Some("backend")).map_err(|e| option_error("chardev", text, e))?;
-        let read = |opts: &mut imgstream_qmp::qsd_args::Opts| -> Result<(String, PathBuf), imgstream_qmp::QmpError> {
-            let backend = opts.req_str("backend")?;
-            let id = opts.req_str("id")?;
-            if backend != "socket" {
-                return Err(imgstream_qmp::QmpError::generic(format!(
-                    "imgstream: chardev backend '{backend}' is not supported"
-                )));
-            }
-            let path = opts.req_str("path")?;
-            opts.bool("server")?;
-            opts.bool("wait")?;
-            opts.finish()?;
-            Ok((id, PathBuf::from(path)))
-        };
-        chardevs.push(read(&mut opts).map_err(|e| option_error("chardev", text, e.desc))?);
-    }
     let mut monitors = Vec::new();
-    for text in &qsd.monitor {
-        let mut opts =
-            parse_option(text, Some("chardev")).map_err(|e| option_error("monitor", text, e))?;
-        let read =
-            |opts: &mut imgstream_qmp::qsd_args::Opts| -> Result<PathBuf, imgstream_qmp::QmpError> {
-                let id = opts.req_str("chardev")?;
-                opts.str("id")?;
-                opts.enum_value("mode", &["readline", "control"])?;
-                opts.bool("pretty")?;
-                opts.finish()?;
-                chardevs
-                    .iter()
-                    .find(|(c, _)| *c == id)
-                    .map(|(_, path)| path.clone())
-                    .ok_or_else(|| {
-                        imgstream_qmp::QmpError::generic(format!("chardev \"{id}\" not found"))
-                    })
-            };
-        monitors.push(read(&mut opts).map_err(|e| option_error("monitor", text, e.desc))?);
+    for QsdOption {
+        name,
+        value: text,
+        spelled,
+    } in ordered_options(qsd)
+    {
+        let implied = match name {
+            "export" => Some("type"),
+            "chardev" => Some("backend"),
+            "monitor" => Some("chardev"),
+            _ => None,
+        };
+        let mut opts = parse_option(&text, implied).map_err(|e| option_error(&spelled, e))?;
+        let applied = match name {
+            "blockdev" => blockdev::blockdev_add(daemon, opts),
+            "nbd-server" => exports::nbd_server_start(daemon, opts, false).map(drop),
+            "export" => exports::block_export_add(daemon, opts).map(drop),
+            "chardev" => read_chardev(&mut opts).map(|c| chardevs.push(c)),
+            _ => read_monitor(&mut opts, &chardevs).map(|m| monitors.push(m)),
+        };
+        applied.map_err(|e| option_error(&spelled, e.desc))?;
     }
     Ok(monitors)
 }
