@@ -445,3 +445,47 @@ async fn serve_async(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qsd_options_keep_command_line_order_and_spelling() {
+        let argv: Vec<String> = [
+            "imgstream",
+            "serve",
+            "--export",
+            "type=nbd,id=e,node-name=d",
+            "--blockdev=driver=file,filename=x,node-name=d",
+            "--pidfile",
+            "p",
+            "--monitor",
+            "chardev=m",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let order = command_line_order(&argv);
+        let seen: Vec<(&str, &str, &str)> = order
+            .iter()
+            .map(|o| (o.name, o.value.as_str(), o.spelled.as_str()))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    "export",
+                    "type=nbd,id=e,node-name=d",
+                    "--export type=nbd,id=e,node-name=d"
+                ),
+                (
+                    "blockdev",
+                    "driver=file,filename=x,node-name=d",
+                    "--blockdev=driver=file,filename=x,node-name=d"
+                ),
+                ("monitor", "chardev=m", "--monitor chardev=m"),
+            ]
+        );
+    }
+}
