@@ -55,6 +55,21 @@ impl Disk {
         }
     }
 
+    /// Builds a disk from layers other disks may share (top first): a node whose backing is
+    /// another node's disk reuses that disk's open layers.
+    pub fn from_shared_layers(layers: Vec<Arc<Layer>>, writable: bool) -> Disk {
+        let size = layers.first().map_or(0, |l| l.image.virtual_size());
+        let cluster_size = layers.first().map_or(512, |l| l.image.cluster_size());
+        Disk {
+            layers: RwLock::new(layers),
+            locks: RangeLocks::new(),
+            size,
+            cluster_size,
+            writable,
+            copy_on_read_limit: AtomicUsize::new(0),
+        }
+    }
+
     /// Guest-visible size in bytes.
     pub fn size(&self) -> u64 {
         self.size

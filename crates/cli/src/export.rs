@@ -2,7 +2,8 @@
 //! trait. The NBD server knows nothing of image formats; this is where the two meet.
 
 use imgstream_block::{Disk, Error};
-use imgstream_nbd::{BackendError, ExportBackend, StatusRun};
+use imgstream_nbd::{BackendError, Export, ExportBackend, Server, ServerConfig, StatusRun};
+use imgstream_qmp::{NbdAddr, NbdHost};
 use std::sync::Arc;
 
 /// Most status runs returned for one BLOCK_STATUS request.
@@ -79,4 +80,140 @@ impl ExportBackend for DiskExport {
         }
         Ok(runs)
     }
+}
+
+/// The NBD server as the QMP commands drive it: started, stopped and given exports at run
+/// time (`nbd-server-start`, `block-export-add`, and their command-line forms).
+pub struct NbdServerHost {
+    runtime: tokio::runtime::Handle,
+    running: std::sync::Mutex<Option<Running>>,
+}
+
+struct Running {
+    server: Server,
+    unix_path: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for NbdServerHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServerHost")
+            .field("running", &self.running().is_some())
+            .finish()
+    }
+}
+
+impl NbdServerHost {
+    /// A host whose listeners run on `runtime`.
+    pub fn new(runtime: tokio::runtime::Handle) -> Self {
+        NbdServerHost {
+            runtime,
+            running: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stops the server if it runs (daemon shutdown).
+    pub fn shutdown(&self) {
+        NbdHost::stop(self);
+    }
+}
+
+/// Binds a unix socket, replacing a stale socket file (never another kind of file).
+fn bind_unix(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    std::os::unix::net::UnixListener::bind(path)
+}
+
+impl NbdHost for NbdServerHost {
+    fn start(&self, addr: &NbdAddr, max_connections: u32) -> Result<(), String> {
+        let mut running = self.running();
+        let server = Server::new(ServerConfig {
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            ..ServerConfig::default()
+        });
+        let _guard = self.runtime.enter();
+        let unix_path = match addr {
+            NbdAddr::Unix(path) => {
+                let listener = bind_unix(path).map_err(|e| {
+                    format!(
+                        "Failed to bind socket to {}: {}",
+                        path.display(),
+                        errno_text(&e)
+                    )
+                })?;
+                listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+                let listener =
+                    tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+                let task_server = server.clone();
+                self.runtime
+                    .spawn(async move { task_server.serve_unix_listener(listener).await });
+                Some(path.clone())
+            }
+            NbdAddr::Inet { host, port } => {
+                let listener = std::net::TcpListener::bind(format!("{host}:{port}"))
+                    .map_err(|e| format!("Failed to bind socket: {}", errno_text(&e)))?;
+                listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+                let task_server = server.clone();
+                self.runtime
+                    .spawn(async move { task_server.serve_tcp_listener(listener).await });
+                None
+            }
+        };
+        *running = Some(Running { server, unix_path });
+        Ok(())
+    }
+
+    fn stop(&self) {
+        if let Some(running) = self.running().take() {
+            running.server.shutdown();
+            if let Some(path) = running.unix_path {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    fn add_export(&self, name: &str, disk: Arc<Disk>, writable: bool) -> Result<(), String> {
+        let running = self.running();
+        let running = running.as_ref().ok_or("NBD server not running")?;
+        let export = Export::new(Arc::new(DiskExport::new(disk))).read_only(!writable);
+        running
+            .server
+            .add_export(name.to_string(), export)
+            .map_err(|e| e.to_string())
+    }
+
+    fn remove_export(&self, name: &str) -> usize {
+        let running = self.running();
+        match running.as_ref() {
+            Some(running) => running
+                .server
+                .remove_export(name)
+                .map_or(0, |export| Arc::strong_count(&export) - 1),
+            None => 0,
+        }
+    }
+
+    fn export_connections(&self, _name: &str) -> usize {
+        // The server counts connections, not connections per export: with one export (the
+        // QSD workflows) the two are the same.
+        self.running()
+            .as_ref()
+            .map_or(0, |running| running.server.connections())
+    }
+}
+
+/// An I/O error's text without Rust's "(os error N)" suffix, as QEMU prints strerror.
+fn errno_text(error: &std::io::Error) -> String {
+    let text = error.to_string();
+    text.split(" (os error").next().unwrap_or(&text).to_string()
 }

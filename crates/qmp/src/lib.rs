@@ -10,10 +10,11 @@ pub mod commands;
 pub mod error;
 pub mod events;
 pub mod json;
+pub mod qsd_args;
 pub mod session;
 pub mod state;
 pub mod wire;
 
 pub use error::{ErrorClass, QmpError};
 pub use session::bind_unix_socket;
-pub use state::{Daemon, Event, ExportInfo, Node, StateError};
+pub use state::{Daemon, Event, ExportInfo, NbdAddr, NbdHost, Node, ProtocolNode, StateError};

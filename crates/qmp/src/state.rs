@@ -6,7 +6,9 @@ use crate::json::Json;
 use crate::wire::Timestamp;
 use imgstream_block::{Disk, Layer};
 use imgstream_jobs::{Job, JobEvent, JobStatus};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use tokio::sync::{broadcast, watch};
 
 /// Events kept for a monitor that reads slowly; one that falls further behind loses the
@@ -40,6 +42,46 @@ pub struct Node {
     pub name: String,
     pub disk: Arc<Disk>,
     pub layer: Arc<Layer>,
+    /// The protocol node this format node reads through, when it was named by reference.
+    pub file: Option<String>,
+    /// Creation order among all nodes (protocol and format), as QEMU lists them.
+    pub seq: u64,
+    /// Whether `backing` was given (a node or null) rather than opened from the header: QEMU
+    /// then names the node with a `json:` filename unless the header names that backing.
+    pub explicit_backing: bool,
+}
+
+/// A protocol node (`driver=file`): a path and its options; the format node above it opens
+/// the file.
+#[derive(Debug, Clone)]
+pub struct ProtocolNode {
+    pub name: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub direct: bool,
+    pub seq: u64,
+}
+
+/// Where the NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    Unix(PathBuf),
+    Inet { host: String, port: String },
+}
+
+/// The NBD server as the QMP commands drive it; the binary provides it (this crate knows no
+/// NBD).
+pub trait NbdHost: Send + Sync + std::fmt::Debug {
+    /// Starts listening at `addr`.
+    fn start(&self, addr: &NbdAddr, max_connections: u32) -> Result<(), String>;
+    /// Stops listening and drops every export.
+    fn stop(&self);
+    /// Offers `disk` as export `name`.
+    fn add_export(&self, name: &str, disk: Arc<Disk>, writable: bool) -> Result<(), String>;
+    /// Stops offering export `name`; returns how many connections still use it.
+    fn remove_export(&self, name: &str) -> usize;
+    /// Connections using export `name` now.
+    fn export_connections(&self, name: &str) -> usize;
 }
 
 impl Node {
@@ -59,6 +101,8 @@ pub struct ExportInfo {
     pub id: String,
     pub node: String,
     pub writable: bool,
+    /// The name NBD clients ask for.
+    pub name: String,
 }
 
 /// A job in the registry, from creation until it reaches `null`.
@@ -79,6 +123,10 @@ pub struct Daemon {
     nodes: Mutex<Vec<Node>>,
     jobs: Mutex<Vec<JobEntry>>,
     exports: Mutex<Vec<ExportInfo>>,
+    protocol_nodes: Mutex<Vec<ProtocolNode>>,
+    next_seq: AtomicU64,
+    nbd_host: OnceLock<Arc<dyn NbdHost>>,
+    nbd_addr: Mutex<Option<NbdAddr>>,
     events: broadcast::Sender<Arc<Event>>,
     quit: watch::Sender<bool>,
 }
@@ -102,6 +150,10 @@ impl Daemon {
             nodes: Mutex::new(Vec::new()),
             jobs: Mutex::new(Vec::new()),
             exports: Mutex::new(Vec::new()),
+            protocol_nodes: Mutex::new(Vec::new()),
+            next_seq: AtomicU64::new(0),
+            nbd_host: OnceLock::new(),
+            nbd_addr: Mutex::new(None),
             events,
             quit,
         })
@@ -124,11 +176,17 @@ impl Daemon {
         if let Some(taken) = names.iter().find(|n| nodes.iter().any(|x| &x.name == *n)) {
             return Err(StateError::DuplicateNode(taken.clone()));
         }
-        for (name, layer) in names.into_iter().zip(layers) {
+        // Backing images first, as QSD users add them: listed newest first, the top leads.
+        let count = layers.len() as u64;
+        let first = self.next_seq.fetch_add(count, Ordering::Relaxed);
+        for (depth, (name, layer)) in names.into_iter().zip(layers).enumerate() {
             nodes.push(Node {
                 name,
                 disk: disk.clone(),
                 layer,
+                file: None,
+                seq: first + count - 1 - depth as u64,
+                explicit_backing: false,
             });
         }
         Ok(())
@@ -183,6 +241,7 @@ impl Daemon {
             id: id.into(),
             node: node.into(),
             writable,
+            name: node.into(),
         });
         Ok(())
     }
@@ -197,6 +256,72 @@ impl Daemon {
 
     pub fn exports(&self) -> Vec<ExportInfo> {
         lock(&self.exports).clone()
+    }
+
+    /// A sequence number for a new node (creation order).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether any node, protocol or format, is called `name`.
+    pub fn has_node(&self, name: &str) -> bool {
+        self.node(name).is_some() || self.protocol_node(name).is_some()
+    }
+
+    pub fn protocol_node(&self, name: &str) -> Option<ProtocolNode> {
+        lock(&self.protocol_nodes)
+            .iter()
+            .find(|n| n.name == name)
+            .cloned()
+    }
+
+    pub fn protocol_nodes(&self) -> Vec<ProtocolNode> {
+        lock(&self.protocol_nodes).clone()
+    }
+
+    pub(crate) fn insert_protocol_node(&self, node: ProtocolNode) {
+        lock(&self.protocol_nodes).push(node);
+    }
+
+    pub(crate) fn insert_node(&self, node: Node) {
+        lock(&self.nodes).push(node);
+    }
+
+    /// Removes node `name` (protocol or format); returns whether it existed.
+    pub(crate) fn remove_node(&self, name: &str) -> bool {
+        let mut nodes = lock(&self.nodes);
+        let before = nodes.len();
+        nodes.retain(|n| n.name != name);
+        if nodes.len() != before {
+            return true;
+        }
+        drop(nodes);
+        let mut files = lock(&self.protocol_nodes);
+        let before = files.len();
+        files.retain(|n| n.name != name);
+        files.len() != before
+    }
+
+    pub(crate) fn insert_export(&self, export: ExportInfo) {
+        lock(&self.exports).push(export);
+    }
+
+    /// Installs the NBD server the export commands drive (once, at startup).
+    pub fn set_nbd_host(&self, host: Arc<dyn NbdHost>) {
+        let _ = self.nbd_host.set(host);
+    }
+
+    pub fn nbd_host(&self) -> Option<Arc<dyn NbdHost>> {
+        self.nbd_host.get().cloned()
+    }
+
+    /// Records that the NBD server listens at `addr` (started outside `nbd-server-start`).
+    pub fn set_nbd_running(&self, addr: NbdAddr) {
+        *lock(&self.nbd_addr) = Some(addr);
+    }
+
+    pub(crate) fn nbd_addr(&self) -> MutexGuard<'_, Option<NbdAddr>> {
+        lock(&self.nbd_addr)
     }
 
     /// A receiver of every event emitted from now on.
@@ -270,8 +395,8 @@ impl Daemon {
             let Some(daemon) = daemon.upgrade() else {
                 return;
             };
-            let (name, data) = job_event(event);
-            daemon.emit(name, data);
+            // A job gone to `null` leaves the registry before the event says so: a client
+            // that saw the event never finds it in query-block-jobs (as in QEMU).
             if let JobEvent::StatusChange {
                 id,
                 status: JobStatus::Null,
@@ -279,6 +404,8 @@ impl Daemon {
             {
                 lock(&daemon.jobs).retain(|j| &j.id != id);
             }
+            let (name, data) = job_event(event);
+            daemon.emit(name, data);
         })
     }
 }

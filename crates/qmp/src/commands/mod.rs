@@ -2,6 +2,8 @@
 //! of each handler once its arguments passed the QAPI checks.
 
 mod block_stream;
+pub mod blockdev;
+pub mod exports;
 mod jobs;
 mod misc;
 mod nodes;
@@ -9,6 +11,7 @@ mod nodes;
 use crate::args::{self, check, opt, req, ArgType, Args, Member};
 use crate::error::{ErrorClass, QmpError};
 use crate::json::Json;
+use crate::qsd_args::Opts;
 use crate::state::Daemon;
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -66,6 +69,24 @@ pub const COMMANDS: &[(&str, &[Member])] = &[
     ("job-dismiss", ID),
     ("query-named-block-nodes", FLAT),
     ("query-block-exports", NONE),
+    ("query-block", NONE),
+    // Free-form arguments (flat unions), checked by their handlers.
+    ("blockdev-add", NONE),
+    ("blockdev-del", BLOCKDEV_DEL),
+    ("nbd-server-start", NONE),
+    ("nbd-server-stop", NONE),
+    ("block-export-add", NONE),
+    ("block-export-del", NONE),
+];
+
+const BLOCKDEV_DEL: &[Member] = &[req("node-name", ArgType::Str)];
+
+/// Commands whose arguments their handler reads itself.
+const FREE_FORM: &[&str] = &[
+    "blockdev-add",
+    "nbd-server-start",
+    "block-export-add",
+    "block-export-del",
 ];
 
 /// The declared arguments of `name`, if we have that command.
@@ -89,11 +110,29 @@ pub async fn dispatch(
     arguments: Map<String, Value>,
 ) -> Result<(Json, After), QmpError> {
     let members = members(name).ok_or_else(|| not_found(name))?;
+    if FREE_FORM.contains(&name) {
+        let opts = Opts::qmp(arguments);
+        let reply = match name {
+            "blockdev-add" => {
+                blockdev::blockdev_add(daemon, opts)?;
+                Json::empty_object()
+            }
+            "nbd-server-start" => exports::nbd_server_start(daemon, opts, true)?,
+            "block-export-add" => exports::block_export_add(daemon, opts)?,
+            _ => exports::block_export_del(daemon, opts)?,
+        };
+        return Ok((reply, After::Continue));
+    }
     let args: Args = args::check(members, arguments)?;
     let reply = match name {
         "query-version" => misc::query_version(),
         "query-commands" => misc::query_commands(),
-        "quit" => return Ok((Json::empty_object(), After::Quit)),
+        "quit" => {
+            // QSD deletes its exports on the way out and tells the monitors
+            // (BLOCK_EXPORT_DELETED) before they close; ours close with the reply.
+            let _ = exports::nbd_server_stop(daemon);
+            return Ok((Json::empty_object(), After::Quit));
+        }
         "block-stream" => block_stream::block_stream(daemon, &args).await?,
         "query-block-jobs" => jobs::query_block_jobs(daemon),
         "query-jobs" => jobs::query_jobs(daemon),
@@ -112,6 +151,13 @@ pub async fn dispatch(
         "job-dismiss" => jobs::dismiss(daemon, &args, jobs::Naming::Job).await?,
         "query-named-block-nodes" => nodes::query_named_block_nodes(daemon, &args),
         "query-block-exports" => nodes::query_block_exports(daemon),
+        // A storage daemon has no guest devices.
+        "query-block" => Json::of(&Vec::<Value>::new()),
+        "blockdev-del" => {
+            blockdev::blockdev_del(daemon, args.str("node-name").unwrap_or_default())?;
+            Json::empty_object()
+        }
+        "nbd-server-stop" => exports::nbd_server_stop(daemon)?,
         _ => return Err(not_found(name)),
     };
     Ok((reply, After::Continue))

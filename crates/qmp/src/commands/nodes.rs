@@ -3,7 +3,7 @@
 
 use crate::args::Args;
 use crate::json::Json;
-use crate::state::{Daemon, Node};
+use crate::state::{Daemon, Node, ProtocolNode};
 use imgstream_block::chain::resolve_backing;
 use imgstream_block::{FormatKind, FormatSpecific, Layer};
 use serde::Serialize;
@@ -141,13 +141,82 @@ fn image_info(layer: &Layer, below: &[Arc<Layer>]) -> ImageInfo {
     }
 }
 
-fn node_info(node: &Node, flat: bool) -> NodeInfo {
+/// Whether the node holding `layer` was given its backing explicitly.
+fn explicit_backing(nodes: &[Node], layer: &Arc<Layer>) -> bool {
+    nodes
+        .iter()
+        .any(|n| n.explicit_backing && Arc::ptr_eq(&n.layer, layer))
+}
+
+/// QEMU's rule (`bdrv_refresh_filename`): a node opened with the backing its header names
+/// keeps its file's name; otherwise its name is `json:` and its open options.
+fn is_default(nodes: &[Node], chain: &[Arc<Layer>]) -> bool {
+    if !explicit_backing(nodes, &chain[0]) {
+        return true;
+    }
+    match (chain[0].image.backing(), chain.get(1)) {
+        (None, None) => true,
+        (Some(header), Some(_)) => header.name == filename(nodes, &chain[1..]),
+        _ => false,
+    }
+}
+
+/// The open options QEMU would show for the node on top of `chain`.
+fn open_options(nodes: &[Node], chain: &[Arc<Layer>]) -> serde_json::Value {
+    let top = &chain[0];
+    let mut options = serde_json::json!({
+        "driver": top.format.name(),
+        "file": {"driver": "file", "filename": top.path.display().to_string()},
+    });
+    if !is_default(nodes, chain) {
+        options["backing"] = match chain.get(1) {
+            Some(_) => open_options(nodes, &chain[1..]),
+            None => serde_json::Value::Null,
+        };
+    }
+    options
+}
+
+/// QEMU's compact JSON: keys sorted, `", "` and `": "` as separators.
+fn qemu_json(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let members: Vec<String> = keys
+                .iter()
+                .map(|k| {
+                    format!(
+                        "{}: {}",
+                        serde_json::Value::from(k.as_str()),
+                        qemu_json(&map[*k])
+                    )
+                })
+                .collect();
+            format!("{{{}}}", members.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The node's filename as QEMU shows it (`file`, `image.filename`, a parent's `backing_file`).
+fn filename(nodes: &[Node], chain: &[Arc<Layer>]) -> String {
+    if is_default(nodes, chain) {
+        chain[0].path.display().to_string()
+    } else {
+        format!("json:{}", qemu_json(&open_options(nodes, chain)))
+    }
+}
+
+fn node_info(node: &Node, nodes: &[Node], flat: bool) -> NodeInfo {
     let layers = node.disk.layers();
-    let below: &[Arc<Layer>] = match node.depth() {
-        Some(depth) => &layers[depth + 1..],
-        None => &[],
+    let chain: Vec<Arc<Layer>> = match node.depth() {
+        Some(depth) => layers[depth..].to_vec(),
+        None => vec![node.layer.clone()],
     };
+    let below = &chain[1..];
     let mut image = image_info(&node.layer, if flat { &[] } else { below });
+    image.filename = filename(nodes, &chain);
     if flat {
         image.backing_image = None;
     }
@@ -158,12 +227,17 @@ fn node_info(node: &Node, flat: bool) -> NodeInfo {
         iops_wr: 0,
         ro: !node.layer.image.is_writable(),
         node_name: node.name.clone(),
-        backing_file_depth: below.len(),
+        // QEMU counts the depth while it walks the chain, which `flat` skips.
+        backing_file_depth: if flat { 0 } else { below.len() },
         drv: node.layer.format.name(),
         iops: 0,
         bps_wr: 0,
         write_threshold: 0,
-        backing_file: node.layer.image.backing().map(|b| b.name),
+        // A node a stream dropped from its disk's chain still names its header's backing.
+        backing_file: match node.depth() {
+            Some(_) => (!below.is_empty()).then(|| filename(nodes, below)),
+            None => node.layer.image.backing().map(|b| b.name),
+        },
         encrypted: false,
         bps: 0,
         bps_rd: 0,
@@ -177,9 +251,49 @@ fn node_info(node: &Node, flat: bool) -> NodeInfo {
     }
 }
 
+/// A protocol node as QEMU shows it: the file itself, format `file`.
+fn protocol_info(node: &ProtocolNode) -> serde_json::Value {
+    let meta = std::fs::metadata(&node.path).ok();
+    let filename = node.path.display().to_string();
+    serde_json::json!({
+        "iops_rd": 0, "detect_zeroes": "off", "active": true,
+        "image": {
+            "virtual-size": meta.as_ref().map_or(0, |m| m.len()),
+            "filename": filename,
+            "format": "file",
+            "actual-size": meta.as_ref().map_or(0, |m| m.blocks() * 512),
+            "format-specific": {"type": "file", "data": {}},
+            "dirty-flag": false,
+        },
+        "iops_wr": 0, "ro": node.read_only, "node-name": node.name, "backing_file_depth": 0,
+        "drv": "file", "iops": 0, "bps_wr": 0, "write_threshold": 0, "encrypted": false,
+        "bps": 0, "bps_rd": 0,
+        "cache": {"no-flush": false, "direct": node.direct, "writeback": true},
+        "file": filename,
+    })
+}
+
 pub fn query_named_block_nodes(daemon: &Daemon, args: &Args) -> Json {
     let flat = args.bool("flat").unwrap_or(false);
-    let list: Vec<NodeInfo> = daemon.nodes().iter().map(|n| node_info(n, flat)).collect();
+    let nodes = daemon.nodes();
+    let mut list: Vec<(u64, serde_json::Value)> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n.seq,
+                serde_json::to_value(node_info(n, &nodes, flat)).unwrap_or_default(),
+            )
+        })
+        .collect();
+    list.extend(
+        daemon
+            .protocol_nodes()
+            .iter()
+            .map(|n| (n.seq, protocol_info(n))),
+    );
+    // QEMU lists the newest node first.
+    list.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+    let list: Vec<serde_json::Value> = list.into_iter().map(|(_, v)| v).collect();
     Json::of(&list)
 }
 
