@@ -570,6 +570,8 @@ fn json_blockdev_and_inline_file_child() -> Result<()> {
 fn startup_errors_match_qsd_messages_and_exit_code() -> Result<()> {
     let file = "driver=file,filename=$DIR/disk.qcow2,node-name=f";
     for args in [
+        vec!["--bogus"],
+        vec!["--blockdev"],
         vec!["--blockdev", "driver=nosuch"],
         vec!["--blockdev", "driver=file"],
         vec!["--blockdev", "driver=file,filename=$DIR/nonexistent"],

@@ -4,6 +4,7 @@ mod commands;
 mod export;
 mod qmp_client;
 mod size;
+mod usage;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -16,7 +17,19 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = commands::Cli::parse();
+    let args: Vec<String> = std::env::args().collect();
+    let cli = match commands::Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(error) => match usage::report(&error, &args) {
+            usage::Report::ClapOutput => error.exit(),
+            usage::Report::Usage(lines) => {
+                for line in lines {
+                    eprintln!("{line}");
+                }
+                return ExitCode::from(usage::USAGE_EXIT_CODE);
+            }
+        },
+    };
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
