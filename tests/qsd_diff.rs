@@ -744,8 +744,11 @@ fn export_del_safe_mode_waits_for_clients_hard_mode_does_not() -> Result<()> {
             json!({"type": "nbd", "id": "e2", "node-name": "disk", "writable": true}),
         ),
         Step::Connect("disk"),
+        Step::ClientRead,
         cmd("block-export-del", json!({"id": "e2", "mode": "hard"})),
         Step::WaitEvent("\"id\":\"e2\""),
+        // The server closed the client's connection.
+        Step::ClientRead,
         Step::Disconnect,
         query("query-block-exports"),
     ];

@@ -232,6 +232,11 @@ impl QemuIoSession {
 
     /// Sends one command and reads lines until one contains `answer`.
     pub fn command_until(&mut self, command: &str, answer: &str) -> Result<()> {
+        self.command_answer(command, &[answer]).map(drop)
+    }
+
+    /// Sends one command and reads lines until one contains any of `answers`; returns it.
+    pub fn command_answer(&mut self, command: &str, answers: &[&str]) -> Result<String> {
         let stdin = self
             .stdin
             .as_mut()
@@ -245,8 +250,8 @@ impl QemuIoSession {
                 bail!("qemu-io ended before answering `{command}`; it printed:\n{seen}");
             }
             seen.push_str(&line);
-            if line.contains(answer) {
-                return Ok(());
+            if answers.iter().any(|answer| line.contains(answer)) {
+                return Ok(line.trim_end().to_string());
             }
         }
     }
@@ -254,6 +259,15 @@ impl QemuIoSession {
     /// Sends `quit`, closes stdin and waits for qemu-io to exit, releasing the image.
     pub fn close(mut self) -> Result<()> {
         self.shutdown()
+    }
+
+    /// Like [`close`](Self::close), but returns qemu-io's exit code instead of failing on
+    /// a non-zero one (qemu-io exits with 1 when its NBD server closed the connection).
+    pub fn close_with_code(mut self) -> Result<Option<i32>> {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = writeln!(stdin, "quit");
+        }
+        Ok(self.child.wait()?.code())
     }
 
     fn shutdown(&mut self) -> Result<()> {

@@ -52,8 +52,11 @@ pub enum Step {
     NbdInfo(&'static str),
     /// Connects an NBD client (`qemu-io`, kept open) to export `name`.
     Connect(&'static str),
-    /// Disconnects the clients of [`Step::Connect`].
+    /// Disconnects the clients of [`Step::Connect`]; the transcript gets their exit codes.
     Disconnect,
+    /// Each client of [`Step::Connect`] reads its first sector; the transcript gets
+    /// qemu-io's answer (done, or the error once the server closed the connection).
+    ClientRead,
 }
 
 /// A scenario: images made by `setup`, the daemon's arguments, the steps, and the images to
@@ -291,9 +294,19 @@ fn run_step(
                 );
                 clients.push(QemuIoSession::open(Path::new(&uri), "raw")?);
             }
+            Step::ClientRead => {
+                for client in clients.iter_mut() {
+                    let answer =
+                        client.command_answer("read 0 512", &["read 512/512", "failed"])?;
+                    transcript.replies.push(format!("client: {answer}"));
+                }
+            }
             Step::Disconnect => {
                 for client in clients.drain(..) {
-                    client.close()?;
+                    let code = client.close_with_code()?;
+                    transcript
+                        .replies
+                        .push(format!("client exit code: {code:?}"));
                 }
             }
             Step::NbdInfo(export) => {

@@ -192,23 +192,20 @@ impl NbdHost for NbdServerHost {
             .map_err(|e| e.to_string())
     }
 
-    fn remove_export(&self, name: &str) -> usize {
-        let running = self.running();
-        match running.as_ref() {
-            Some(running) => running
-                .server
-                .remove_export(name)
-                .map_or(0, |export| Arc::strong_count(&export) - 1),
-            None => 0,
+    fn remove_export(&self, name: &str, disconnect_clients: bool) {
+        if let Some(running) = self.running().as_ref() {
+            if disconnect_clients {
+                running.server.close_export(name);
+            } else {
+                running.server.remove_export(name);
+            }
         }
     }
 
-    fn export_connections(&self, _name: &str) -> usize {
-        // The server counts connections, not connections per export: with one export (the
-        // QSD workflows) the two are the same.
+    fn export_connections(&self, name: &str) -> usize {
         self.running()
             .as_ref()
-            .map_or(0, |running| running.server.connections())
+            .map_or(0, |running| running.server.export_clients(name))
     }
 }
 

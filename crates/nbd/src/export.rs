@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::latch::Latch;
 use crate::protocol::nbd_error_from_errno;
 
 /// A failure of a backend call: an errno for the wire, and a message for the
@@ -102,6 +104,36 @@ pub struct Export {
     pub read_only: bool,
     /// Shown to humans by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
     pub description: Option<String>,
+    /// Its clients and whether they are being sent away; shared by clones.
+    pub(crate) clients: Arc<ExportClients>,
+}
+
+/// The connections in transmission on one export, and the signal that closes them.
+#[derive(Debug, Default)]
+pub(crate) struct ExportClients {
+    count: AtomicUsize,
+    /// Tripped when the export is removed in hard mode: every connection on it closes.
+    pub(crate) closed: Latch,
+}
+
+/// A connection counted in its export's clients while it lives.
+pub(crate) struct ClientSlot(Arc<ExportClients>);
+
+impl ExportClients {
+    pub(crate) fn join(self: &Arc<Self>) -> ClientSlot {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        ClientSlot(Arc::clone(self))
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Export {
@@ -110,6 +142,7 @@ impl Export {
             backend,
             read_only: false,
             description: None,
+            clients: Arc::default(),
         }
     }
 

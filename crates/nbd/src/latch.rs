@@ -11,6 +11,12 @@ pub(crate) struct Latch {
     tx: Arc<watch::Sender<bool>>,
 }
 
+impl Default for Latch {
+    fn default() -> Self {
+        Latch::new()
+    }
+}
+
 impl Latch {
     pub(crate) fn new() -> Self {
         Latch {

@@ -122,6 +122,24 @@ impl Server {
         self.inner.exports.remove(name)
     }
 
+    /// Removes the export `name` as [`remove_export`](Self::remove_export)
+    /// does, and also closes every connection using it (QEMU's
+    /// `block-export-del` in `hard` mode): each stops reading requests,
+    /// finishes those in flight, and is closed.
+    pub fn close_export(&self, name: &str) -> Option<Arc<Export>> {
+        let export = self.inner.exports.remove(name)?;
+        export.clients.closed.trip();
+        Some(export)
+    }
+
+    /// Connections in transmission on the export `name` (0 if there is none).
+    pub fn export_clients(&self, name: &str) -> usize {
+        self.inner
+            .exports
+            .get(name)
+            .map_or(0, |export| export.clients.count())
+    }
+
     /// Names of the exports offered, sorted.
     pub fn export_names(&self) -> Vec<String> {
         self.inner

@@ -380,16 +380,26 @@ enum End {
     Violation(Violation),
 }
 
-/// Awaits `fut` unless the server shuts down or the connection hangs up first.
+/// What ends a connection from the server's side.
+struct Closing<'a> {
+    /// The whole server stops.
+    shutdown: &'a Latch,
+    /// The export is removed in hard mode.
+    export_closed: &'a Latch,
+    /// A reply could not be sent, or draining gave up.
+    hangup: &'a Latch,
+}
+
+/// Awaits `fut` unless the connection is closed from the server's side first.
 async fn unless_closing<F: std::future::Future>(
     fut: F,
-    shutdown: &Latch,
-    hangup: &Latch,
+    closing: &Closing<'_>,
 ) -> Option<F::Output> {
     tokio::select! {
         out = fut => Some(out),
-        () = shutdown.tripped() => None,
-        () = hangup.tripped() => None,
+        () = closing.shutdown.tripped() => None,
+        () = closing.export_closed.tripped() => None,
+        () = closing.hangup.tripped() => None,
     }
 }
 
@@ -401,6 +411,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let backend = Arc::clone(&negotiated.export.backend);
+    let export_clients = Arc::clone(&negotiated.export.clients);
+    let _client_slot = export_clients.join();
     let session = Session {
         size: negotiated.size,
         read_only: negotiated.export.read_only,
@@ -417,10 +429,15 @@ where
     ));
     // Tripped when a reply cannot be sent, or when draining gives up.
     let hangup = Latch::new();
+    let closing = Closing {
+        shutdown: &shutdown,
+        export_closed: &export_clients.closed,
+        hangup: &hangup,
+    };
 
     let end = loop {
         let mut buf = [0; NBD_REQUEST_SIZE];
-        match unless_closing(reader.read_exact(&mut buf), &shutdown, &hangup).await {
+        match unless_closing(reader.read_exact(&mut buf), &closing).await {
             None => break End::Shutdown,
             Some(Err(_)) => break End::ClientGone,
             Some(Ok(_)) => {}
@@ -452,14 +469,13 @@ where
             (request, buffer)
         };
         // The semaphores are never closed; treat it as shutdown if they were.
-        let Some((Ok(request_permit), Ok(buffer_permit))) =
-            unless_closing(permits, &shutdown, &hangup).await
+        let Some((Ok(request_permit), Ok(buffer_permit))) = unless_closing(permits, &closing).await
         else {
             break End::Shutdown;
         };
 
         let mut payload = vec![0; payload_len as usize];
-        match unless_closing(reader.read_exact(&mut payload), &shutdown, &hangup).await {
+        match unless_closing(reader.read_exact(&mut payload), &closing).await {
             None => break End::Shutdown,
             Some(Err(_)) => break End::ClientGone,
             Some(Ok(_)) => {}
@@ -496,7 +512,7 @@ where
         End::Violation(v) => {
             warn!(violation = %v, "NBD client broke the protocol, disconnecting it")
         }
-        End::Shutdown => debug!("server shutting down, closing NBD connection"),
+        End::Shutdown => debug!("server or export closing, closing NBD connection"),
         End::Disconnect | End::ClientGone => debug!("NBD client disconnected"),
     }
     let drained = tokio::time::timeout(

@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,43 @@ fn removed_export_refuses_new_clients_while_open_ones_keep_working() {
 }
 
 #[test]
+fn closed_export_sends_its_clients_away_after_their_requests_and_spares_others() {
+    let backend = slow_backend();
+    let ts = TestServer::start(vec![
+        ("disk", export(&backend)),
+        ("other", export(&backend)),
+    ]);
+    let (mut busy, _, _) = RawClient::transmission(&ts.socket, "disk", false);
+    let (mut idle, _, _) = RawClient::transmission(&ts.socket, "disk", false);
+    let (mut bystander, _, _) = RawClient::transmission(&ts.socket, "other", false);
+    wait_for("clients counted per export", || {
+        ts.server.export_clients("disk") == 2 && ts.server.export_clients("other") == 1
+    });
+    // The slow read is in flight when the export closes.
+    busy.request(NBD_CMD_READ, 0, 1, SIZE / 2, 4096);
+    wait_for("the slow read to start", || {
+        backend.slow_reads_started.load(Ordering::Acquire) == 1
+    });
+
+    assert!(ts.server.close_export("disk").is_some());
+    assert_eq!(ts.server.export_names(), vec!["other".to_string()]);
+
+    assert_eq!(busy.simple_reply(), (0, 1));
+    assert_eq!(busy.read(4096), vec![0x99; 4096]);
+    assert!(busy.is_closed_by_server());
+    assert!(idle.is_closed_by_server());
+    wait_for("the closed export's clients gone", || {
+        ts.server.connections() == 1
+    });
+    assert_eq!(ts.server.export_clients("disk"), 0);
+
+    bystander.request(NBD_CMD_READ, 0, 2, 0, 4);
+    assert_eq!(bystander.simple_reply(), (0, 2));
+    assert_eq!(bystander.read(4), vec![0; 4]);
+    assert_eq!(ts.server.export_clients("other"), 1);
+}
+
+#[test]
 fn disconnect_waits_for_requests_in_flight() {
     let backend = slow_backend();
     let ts = TestServer::start(vec![("disk", export(&backend))]);
@@ -102,7 +140,9 @@ fn shutdown_finishes_requests_in_flight_then_closes_every_connection() {
     let mut idle = RawClient::transmission(&ts.socket, "disk", false).0;
     let mut negotiating = RawClient::connect(&ts.socket);
     busy.request(NBD_CMD_READ, 0, 1, SIZE / 2, 4096);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_for("the slow read to start", || {
+        backend.slow_reads_started.load(Ordering::Acquire) == 1
+    });
 
     ts.stop();
 

@@ -78,8 +78,10 @@ pub trait NbdHost: Send + Sync + std::fmt::Debug {
     fn stop(&self);
     /// Offers `disk` as export `name`.
     fn add_export(&self, name: &str, disk: Arc<Disk>, writable: bool) -> Result<(), String>;
-    /// Stops offering export `name`; returns how many connections still use it.
-    fn remove_export(&self, name: &str) -> usize;
+    /// Stops offering export `name`. With `disconnect_clients` (`block-export-del` in `hard`
+    /// mode) its connections are closed too, after the requests they have in flight;
+    /// otherwise they keep being served until their clients leave.
+    fn remove_export(&self, name: &str, disconnect_clients: bool);
     /// Connections using export `name` now.
     fn export_connections(&self, name: &str) -> usize;
 }

@@ -38,6 +38,9 @@ pub struct MemBackend {
     mem: Mutex<Mem>,
     /// A read starting at this offset takes half a second.
     pub slow_read_at: Option<u64>,
+    /// Reads at `slow_read_at` begun so far: once it moves, the server has
+    /// taken the request and must answer it before it closes the connection.
+    pub slow_reads_started: AtomicUsize,
     /// Every read and write takes this long, so that requests overlap.
     pub op_delay: Duration,
     pub zeroes_are_fast: bool,
@@ -54,6 +57,7 @@ impl MemBackend {
                 map: vec![State::Hole; size.div_ceil(CLUSTER) as usize],
             }),
             slow_read_at: None,
+            slow_reads_started: AtomicUsize::new(0),
             op_delay: Duration::ZERO,
             zeroes_are_fast: true,
             flushes: AtomicUsize::new(0),
@@ -118,6 +122,7 @@ impl ExportBackend for MemBackend {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         if self.slow_read_at == Some(offset) {
+            self.slow_reads_started.fetch_add(1, Ordering::AcqRel);
             std::thread::sleep(Duration::from_millis(500));
         }
         self.track(|| {

@@ -112,7 +112,7 @@ pub fn nbd_server_stop(daemon: &Arc<Daemon>) -> Result<Json, QmpError> {
     }
     drop(running);
     for export in daemon.exports() {
-        host.remove_export(&export.name);
+        host.remove_export(&export.name, true);
         daemon.remove_export(&export.id);
         daemon.emit("BLOCK_EXPORT_DELETED", Json::of(&json!({"id": export.id})));
     }
@@ -200,7 +200,7 @@ pub fn block_export_del(daemon: &Arc<Daemon>, mut opts: Opts) -> Result<Json, Qm
     if mode == "safe" && host.export_connections(&export.name) > 0 {
         return Err(QmpError::generic(format!("export '{id}' still in use")));
     }
-    host.remove_export(&export.name);
+    host.remove_export(&export.name, mode == "hard");
     daemon.remove_export(&id);
     daemon.emit("BLOCK_EXPORT_DELETED", Json::of(&json!({"id": id})));
     Ok(Json::empty_object())
