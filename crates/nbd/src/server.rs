@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -21,8 +22,10 @@ use crate::transmission::{self, Limits};
 /// Tunables of a [`Server`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Connections served at once; clients beyond it are accepted and
-    /// closed at once.
+    /// Connections served at once. At the limit the listeners stop
+    /// accepting, as QEMU's do: new clients wait in the socket's backlog
+    /// until a connection closes. A stream handed to
+    /// [`Server::serve_connection`] at the limit is closed at once.
     pub max_connections: usize,
     /// Requests of one connection in flight at once; the server stops
     /// reading from a client that reaches it until replies go out.
@@ -62,15 +65,30 @@ struct Inner {
     config: ServerConfig,
     exports: ExportTable,
     shutdown: Latch,
+    /// One permit per connection allowed by `max_connections`.
+    slots: Arc<Semaphore>,
     connections: AtomicUsize,
 }
 
 /// A slot counted in [`Server::connections`] while it lives.
-struct ConnectionSlot(Arc<Inner>);
+struct ConnectionSlot {
+    inner: Arc<Inner>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ConnectionSlot {
+    fn new(inner: &Arc<Inner>, permit: OwnedSemaphorePermit) -> Self {
+        inner.connections.fetch_add(1, Ordering::AcqRel);
+        ConnectionSlot {
+            inner: Arc::clone(inner),
+            _permit: permit,
+        }
+    }
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.inner.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -99,11 +117,13 @@ impl Listener {
 
 impl Server {
     pub fn new(config: ServerConfig) -> Self {
+        let slots = config.max_connections.min(Semaphore::MAX_PERMITS);
         Server {
             inner: Arc::new(Inner {
                 config,
                 exports: ExportTable::default(),
                 shutdown: Latch::new(),
+                slots: Arc::new(Semaphore::new(slots)),
                 connections: AtomicUsize::new(0),
             }),
         }
@@ -202,16 +222,10 @@ impl Server {
     }
 
     fn admit(&self) -> Option<ConnectionSlot> {
-        let max = self.inner.config.max_connections;
-        let admitted =
-            self.inner
-                .connections
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max).then_some(n + 1)
-                });
-        match admitted {
-            Ok(_) => Some(ConnectionSlot(Arc::clone(&self.inner))),
+        match Arc::clone(&self.inner.slots).try_acquire_owned() {
+            Ok(permit) => Some(ConnectionSlot::new(&self.inner, permit)),
             Err(_) => {
+                let max = self.inner.config.max_connections;
                 warn!(max, "NBD connection refused: too many connections");
                 None
             }
@@ -221,12 +235,27 @@ impl Server {
     async fn accept_loop(&self, listener: Listener) -> io::Result<()> {
         let shutdown = &self.inner.shutdown;
         let mut connections = JoinSet::new();
+        let mut free_slot = None;
         while !shutdown.is_tripped() {
+            // At the limit, stop accepting until a connection closes (as QEMU
+            // does): clients wait in the backlog instead of being turned away.
+            let permit = match free_slot.take() {
+                Some(permit) => permit,
+                None => tokio::select! {
+                    // The semaphore is never closed.
+                    Ok(permit) = Arc::clone(&self.inner.slots).acquire_owned() => permit,
+                    () = shutdown.tripped() => break,
+                    Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                },
+            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = shutdown.tripped() => break,
                 // Reap finished connections so the set does not grow.
-                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {
+                    free_slot = Some(permit);
+                    continue;
+                }
             };
             let stream = match accepted {
                 Ok(stream) => stream,
@@ -234,14 +263,13 @@ impl Server {
                     // Out of file descriptors and the like: wait, then go on.
                     warn!(error = %e, "cannot accept NBD connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    free_slot = Some(permit);
                     continue;
                 }
             };
-            // Refused streams are dropped, which closes them.
-            if let Some(slot) = self.admit() {
-                let server = self.clone();
-                connections.spawn(async move { server.serve_admitted(stream, slot).await });
-            }
+            let slot = ConnectionSlot::new(&self.inner, permit);
+            let server = self.clone();
+            connections.spawn(async move { server.serve_admitted(stream, slot).await });
         }
         info!(
             open = connections.len(),

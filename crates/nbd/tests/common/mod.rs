@@ -336,7 +336,11 @@ pub struct RawClient {
 impl RawClient {
     /// Connects and reads the greeting, without answering it.
     pub fn greet(socket: &Path) -> Self {
-        let stream = UnixStream::connect(socket).unwrap();
+        Self::greet_on(UnixStream::connect(socket).unwrap())
+    }
+
+    /// Reads the greeting on a stream already connected.
+    pub fn greet_on(stream: UnixStream) -> Self {
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
