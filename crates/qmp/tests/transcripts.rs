@@ -1,5 +1,6 @@
 //! Replays the client side of QSD 10.0.2's recorded QMP transcripts
-//! (`shared/reference/qsd-transcripts/`) against our daemon serving the same chain, and
+//! (copied from the workplace's `shared/reference/qsd-transcripts/` into
+//! `tests/qsd-transcripts/`, so that a fresh clone has them) against our daemon serving the same chain, and
 //! compares: every reply (keys, types, error classes and texts, stable values) and each
 //! job's event sequence (names and payloads; byte offsets of unfinished jobs and
 //! timestamps aside). Before each request the replay waits for the events QSD had sent
@@ -25,13 +26,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Where the reference transcripts are: `$IMGSTREAM_TRANSCRIPTS`, else `shared/` beside
-/// the repository (as on developer machines and in CI).
+/// Where the reference transcripts are: `$IMGSTREAM_TRANSCRIPTS`, else the copy in the
+/// repository.
 fn transcripts_dir() -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("IMGSTREAM_TRANSCRIPTS") {
         return dir.into();
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/reference/qsd-transcripts")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qsd-transcripts")
 }
 const WAIT: Duration = Duration::from_secs(30);
 
