@@ -288,6 +288,16 @@ impl Disk {
         Ok(())
     }
 
+    /// Starts writing the top's completed writes back without waiting (see
+    /// [`Storage::start_writeback`](imgstream_format::Storage::start_writeback)).
+    pub fn start_writeback(&self) -> Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let layers = self.read_layers();
+        top_of(&layers)?.image.storage().start_writeback()
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> Result<()> {
         if !self.writable {

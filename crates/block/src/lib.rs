@@ -4,6 +4,7 @@
 //! apart.
 
 pub mod chain;
+mod copy_pool;
 mod io;
 mod populate;
 pub mod range_lock;

@@ -3,9 +3,12 @@
 //! allocation under the lock, so it never overwrites what the guest wrote.
 
 use crate::chain::Layer;
+use crate::copy_pool;
 use crate::io::{read_through, top_of, write_allocated};
 use crate::status::allocated_above;
 use crate::{Disk, Result};
+use rayon::prelude::*;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 /// What one copy-up did.
@@ -146,33 +149,32 @@ impl Disk {
     }
 
     /// Copies the guest content of whole clusters `[start, end)` into the top. Large runs are
-    /// split across threads: the range is held exclusively, and the driver serialises its own
-    /// allocations, so the halves only share the disk's bandwidth.
+    /// split across the copy-up threads: the range is held exclusively, and the driver
+    /// serialises its own allocations, so the parts only share the disk's bandwidth.
     fn copy_up(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<PopulateOutcome> {
-        let workers = copy_workers();
         let clusters = (end - start) / self.cluster_size;
-        if workers < 2 || end - start < PARALLEL_COPY_MIN || clusters < 2 {
-            return self.copy_run(layers, start, end);
-        }
-        let per_worker = clusters.div_ceil(workers as u64) * self.cluster_size;
-        let results: Vec<Result<PopulateOutcome>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers as u64)
-                .map(|i| start + i * per_worker)
-                .filter(|&from| from < end)
-                .map(|from| {
-                    let to = (from + per_worker).min(end);
-                    scope.spawn(move || self.copy_run(layers, from, to))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(imgstream_format::Error::new(
-                            imgstream_format::ErrorKind::Io,
-                            "A copy-up thread panicked",
-                        ))
-                    })
+        let pool = match copy_pool::pool() {
+            Some(pool) if end - start >= PARALLEL_COPY_MIN && clusters >= 2 => pool,
+            _ => return self.copy_run(layers, start, end),
+        };
+        let workers = copy_pool::copy_workers() as u64;
+        let per_worker = clusters.div_ceil(workers) * self.cluster_size;
+        let parts: Vec<(u64, u64)> = (0..workers)
+            .map(|i| start + i * per_worker)
+            .filter(|&from| from < end)
+            .map(|from| (from, (from + per_worker).min(end)))
+            .collect();
+        let results: Vec<Result<PopulateOutcome>> = pool.install(|| {
+            parts
+                .par_iter()
+                .map(|&(from, to)| {
+                    std::panic::catch_unwind(AssertUnwindSafe(|| self.copy_run(layers, from, to)))
+                        .unwrap_or_else(|_| {
+                            Err(imgstream_format::Error::new(
+                                imgstream_format::ErrorKind::Io,
+                                "A copy-up thread panicked",
+                            ))
+                        })
                 })
                 .collect()
         });
@@ -186,10 +188,22 @@ impl Disk {
     /// Copies whole clusters `[start, end)`: clusters that read as zeroes become zero
     /// clusters (never zero-filled data, where the format can), the rest new data clusters.
     fn copy_run(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<PopulateOutcome> {
+        copy_pool::with_buffer((end - start) as usize, |buffer| {
+            read_through(layers, 1, start, buffer)?;
+            self.write_copied(layers, start, end, buffer)
+        })
+    }
+
+    /// Writes `buffer`, the content of clusters `[start, end)`, into the top.
+    fn write_copied(
+        &self,
+        layers: &[Arc<Layer>],
+        start: u64,
+        end: u64,
+        buffer: &[u8],
+    ) -> Result<PopulateOutcome> {
         let top = &top_of(layers)?.image;
         let cs = self.cluster_size;
-        let mut buffer = vec![0u8; (end - start) as usize];
-        read_through(layers, 1, start, &mut buffer)?;
         let mut outcome = PopulateOutcome::default();
         let mut run_start = start;
         while run_start < end {
@@ -222,17 +236,6 @@ impl Disk {
 
 /// Runs shorter than this are copied by the calling thread alone.
 const PARALLEL_COPY_MIN: u64 = 256 << 10;
-
-/// Threads that copy one run in parallel: the machine's cores, at most 4.
-fn copy_workers() -> usize {
-    static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *WORKERS.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(4)
-    })
-}
 
 #[cfg(test)]
 mod tests {

@@ -21,6 +21,9 @@ pub const UNLIMITED_CHUNK: u64 = 4 << 20;
 /// flushed). Each flush waits for the device, so they must stay rare.
 pub const FLUSH_INTERVAL: u64 = 4 << 30;
 pub const FLUSH_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+/// The job asks the kernel to start writing back what it copied after this much data, so
+/// that the device writes while the job copies instead of all at the final flush.
+pub const WRITEBACK_INTERVAL: u64 = 32 << 20;
 
 /// What to stream.
 #[derive(Debug, Clone)]
@@ -80,6 +83,7 @@ impl JobWork for StreamJob {
         disk.set_copy_on_read(base_depth);
         let mut first_error = None;
         let mut since_flush = 0;
+        let mut since_writeback = 0;
         let mut last_flush = std::time::Instant::now();
         let mut offset = 0;
         while offset < len {
@@ -109,6 +113,14 @@ impl JobWork for StreamJob {
                         control.account(written);
                     }
                     since_flush += written;
+                    since_writeback += written;
+                    if since_writeback >= WRITEBACK_INTERVAL {
+                        // Only a hint: if it fails, the flush reports the real problem.
+                        if let Err(error) = disk.start_writeback() {
+                            tracing::debug!("writeback hint failed: {error}");
+                        }
+                        since_writeback = 0;
+                    }
                     if since_flush >= self.options.flush_interval.max(1)
                         || (since_flush > 0 && last_flush.elapsed() >= FLUSH_PERIOD)
                     {

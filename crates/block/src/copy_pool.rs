@@ -1,0 +1,85 @@
+//! The copy-up worker threads: a small persistent pool that splits large copies across the
+//! cores, and the copy buffers its threads keep between copies.
+//!
+//! Spawning threads and mapping fresh zeroed buffers for every run cost about as much as
+//! the copy itself on a fragmented chain, so both are kept for the life of the process.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Threads that copy one run in parallel: the machine's cores, at most 4.
+pub(crate) fn copy_workers() -> usize {
+    static WORKERS: OnceLock<usize> = OnceLock::new();
+    *WORKERS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+    })
+}
+
+/// The pool, or `None` when there is one core (or it cannot be started): then the caller
+/// copies alone.
+pub(crate) fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        if copy_workers() < 2 {
+            return None;
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(copy_workers())
+            .thread_name(|i| format!("imgstream-copy-{i}"))
+            .start_handler(|_| IS_WORKER.with(|w| *w.borrow_mut() = true))
+            .build()
+            .map_err(|e| tracing::warn!("no copy-up threads ({e}); copying on one thread"))
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Buffers larger than this are not kept after use.
+const KEPT_BUFFER_MAX: usize = 4 << 20;
+
+thread_local! {
+    static IS_WORKER: RefCell<bool> = const { RefCell::new(false) };
+    static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a buffer of `len` bytes whose content is unspecified (the caller overwrites
+/// all of it). Pool threads reuse theirs; other threads (many, in a server's blocking pool)
+/// get a fresh one, so that idle buffers stay few.
+pub(crate) fn with_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    let keep = len <= KEPT_BUFFER_MAX && IS_WORKER.with(|w| *w.borrow());
+    if !keep {
+        return f(&mut vec![0; len]);
+    }
+    BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        if buffer.len() < len {
+            buffer.resize(len, 0);
+        }
+        f(&mut buffer[..len])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_threads_reuse_their_buffer_and_others_get_fresh_ones() {
+        let Some(pool) = pool() else {
+            return; // one core: there is no pool to test
+        };
+        pool.install(|| {
+            with_buffer(8192, |b| b.fill(7));
+            with_buffer(4096, |b| {
+                assert_eq!(b, &[7; 4096][..], "a worker keeps its buffer")
+            });
+        });
+        with_buffer(8192, |b| b.fill(7));
+        with_buffer(4096, |b| {
+            assert!(b.iter().all(|&x| x == 0), "others allocate afresh")
+        });
+    }
+}
