@@ -25,7 +25,7 @@ import time
 
 GIB = 1 << 30
 MIB = 1 << 20
-# Overridable for a quick smoke run of the script itself.
+# Overridable for a quick smoke run of the script itself (and BENCH_PHASES to run only some).
 RUNS = int(os.environ.get("BENCH_RUNS", 3))
 FIO_IDLE_S = 5
 SIZE = int(os.environ.get("BENCH_SIZE_MIB", 2048)) * MIB
@@ -302,7 +302,7 @@ def main():
     map_out = subprocess.run(["qemu-img", "map", "--output=json", os.path.join(workdir, "top.qcow2")],
                              check=True, capture_output=True, text=True).stdout
     to_copy = sum(e["length"] for e in json.loads(map_out) if e["depth"] > 0 and e["present"])
-    phases = ["stream-noload", "stream+fio", "fio-idle"]
+    phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio fio-idle").split()
     results = {}
     for phase in phases:
         for run in range(RUNS):

@@ -3,6 +3,7 @@
 //!
 //! Spawning threads and mapping fresh zeroed buffers for every run cost about as much as
 //! the copy itself on a fragmented chain, so both are kept for the life of the process.
+//! The threads run at the lowest CPU priority, below the threads serving the guest.
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -29,12 +30,33 @@ pub(crate) fn pool() -> Option<&'static rayon::ThreadPool> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(copy_workers())
             .thread_name(|i| format!("imgstream-copy-{i}"))
-            .start_handler(|_| IS_WORKER.with(|w| *w.borrow_mut() = true))
+            .start_handler(|_| {
+                IS_WORKER.with(|w| *w.borrow_mut() = true);
+                lower_cpu_priority();
+            })
             .build()
             .map_err(|e| tracing::warn!("no copy-up threads ({e}); copying on one thread"))
             .ok()
     })
     .as_ref()
+}
+
+/// Nice value of the copy-up threads: the lowest CPU priority. Copy-up is background work;
+/// on a busy host the guest's requests (served by other threads) must not wait behind it.
+/// Measured with bench/serve.py (stream+fio, 5 runs): read p99 during a stream 10.9 ms at
+/// nice 0, 2.9 ms at nice 19, with the stream no slower.
+const COPY_THREAD_NICE: libc::c_int = 19;
+
+/// Gives the calling thread [`COPY_THREAD_NICE`] (on Linux, nice is per thread).
+fn lower_cpu_priority() {
+    // SAFETY: plain syscall; `who = 0` is the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, COPY_THREAD_NICE) };
+    if rc != 0 {
+        tracing::debug!(
+            "copy-up thread keeps its CPU priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Buffers larger than this are not kept after use.
