@@ -6,13 +6,13 @@
 # exit). Every result is compared with the pre-stream chain. Writes a Markdown table to
 # bench/results/stream-<date>.md.
 #
-# Usage: bench/stream.sh            (env: SIZES="2G 8G", RAW_BASE_SIZES="2G", RUNS=3,
+# Usage: bench/stream.sh            (env: SIZES="2G 8G", RAW_BASE_SIZES="2G 8G", RUNS=3,
 #                                    BENCH_DIR=/tmp/imgstream-bench, CARGO_TARGET_DIR)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 SIZES=${SIZES:-"2G 8G"}
-RAW_BASE_SIZES=${RAW_BASE_SIZES:-"2G"}
+RAW_BASE_SIZES=${RAW_BASE_SIZES:-"2G 8G"}
 RUNS=${RUNS:-3}
 BENCH_DIR=${BENCH_DIR:-/tmp/imgstream-bench}
 target=${CARGO_TARGET_DIR:-$here/target}
