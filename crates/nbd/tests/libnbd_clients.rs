@@ -305,6 +305,8 @@ fn fio_nbd_engine_with_iodepth_16_verifies_its_writes() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            // fio would leave a verify state file in the crate's folder.
+            "--verify_state_save=0",
             "--runtime=60",
         ],
     );
