@@ -25,7 +25,8 @@ pub struct ServerConfig {
     /// Connections served at once. At the limit the listeners stop
     /// accepting, as QEMU's do: new clients wait in the socket's backlog
     /// until a connection closes. A stream handed to
-    /// [`Server::serve_connection`] at the limit is closed at once.
+    /// [`Server::serve_connection`] at the limit is closed at once. 0 means
+    /// no limit, as in QEMU.
     pub max_connections: usize,
     /// Requests of one connection in flight at once; the server stops
     /// reading from a client that reaches it until replies go out.
@@ -117,7 +118,10 @@ impl Listener {
 
 impl Server {
     pub fn new(config: ServerConfig) -> Self {
-        let slots = config.max_connections.min(Semaphore::MAX_PERMITS);
+        let slots = match config.max_connections {
+            0 => Semaphore::MAX_PERMITS,
+            max => max.min(Semaphore::MAX_PERMITS),
+        };
         Server {
             inner: Arc::new(Inner {
                 config,

@@ -56,6 +56,19 @@ fn clients_beyond_the_maximum_wait_for_a_free_slot() {
 }
 
 #[test]
+fn max_connections_zero_means_no_limit() {
+    let backend = slow_backend();
+    let config = ServerConfig {
+        max_connections: 0,
+        ..ServerConfig::default()
+    };
+    let ts = TestServer::start_with(config, vec![("disk", export(&backend))]);
+    let _first = RawClient::greet(&ts.socket);
+    let _second = RawClient::greet(&ts.socket);
+    assert_eq!(ts.server.connections(), 2);
+}
+
+#[test]
 fn removed_export_refuses_new_clients_while_open_ones_keep_working() {
     let backend = slow_backend();
     let ts = TestServer::start(vec![
