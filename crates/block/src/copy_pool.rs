@@ -48,8 +48,9 @@ pub(crate) fn pool() -> Option<&'static rayon::ThreadPool> {
 /// disk) between nice 0 and nice 19, with the stream no slower.
 const COPY_THREAD_NICE: libc::c_int = 19;
 
-/// Gives the calling thread [`COPY_THREAD_NICE`] (on Linux, nice is per thread).
-fn lower_cpu_priority() {
+/// Gives the calling thread [`COPY_THREAD_NICE`] (on Linux, nice is per thread): for the
+/// copy-up threads, and for a background job's own thread, which copies too.
+pub fn lower_cpu_priority() {
     // SAFETY: plain syscall; `who = 0` is the calling thread.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, COPY_THREAD_NICE) };
     if rc != 0 {
