@@ -107,7 +107,13 @@ try:
         pass
 except Exception:
     pass
-while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+def running():
+    # The process may vanish between the checks: /proc then answers ENOENT or ESRCH.
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except OSError:
+        return False
+while running():
     time.sleep(0.001)
 print(f"{wall:.3f} {time.monotonic() - start:.3f} {hwm}")
 EOF
