@@ -5,7 +5,7 @@
 //! the copy itself on a fragmented chain, so both are kept for the life of the process.
 //! The threads run at the lowest CPU priority, below the threads serving the guest.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
 
 /// Threads that copy one run in parallel: the machine's cores, at most 4.
@@ -30,10 +30,7 @@ pub(crate) fn pool() -> Option<&'static rayon::ThreadPool> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(copy_workers())
             .thread_name(|i| format!("imgstream-copy-{i}"))
-            .start_handler(|_| {
-                IS_WORKER.with(|w| *w.borrow_mut() = true);
-                lower_cpu_priority();
-            })
+            .start_handler(|_| become_background_thread())
             .build()
             .map_err(|e| tracing::warn!("no copy-up threads ({e}); copying on one thread"))
             .ok()
@@ -48,9 +45,14 @@ pub(crate) fn pool() -> Option<&'static rayon::ThreadPool> {
 /// disk) between nice 0 and nice 19, with the stream no slower.
 const COPY_THREAD_NICE: libc::c_int = 19;
 
-/// Gives the calling thread [`COPY_THREAD_NICE`] (on Linux, nice is per thread): for the
-/// copy-up threads, and for a background job's own thread, which copies too.
-pub fn lower_cpu_priority() {
+/// Makes the calling thread a background copier, for the copy-up threads and for a job's
+/// own thread, which copies too: [`COPY_THREAD_NICE`] (on Linux, nice is per thread), its
+/// file writes yield to the guest's
+/// ([`mark_background_thread`](imgstream_format::write_gate::mark_background_thread)), and
+/// it keeps its copy buffer between copies.
+pub fn become_background_thread() {
+    KEEPS_BUFFER.with(|keeps| keeps.set(true));
+    imgstream_format::write_gate::mark_background_thread();
     // SAFETY: plain syscall; `who = 0` is the calling thread.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, COPY_THREAD_NICE) };
     if rc != 0 {
@@ -65,15 +67,15 @@ pub fn lower_cpu_priority() {
 const KEPT_BUFFER_MAX: usize = 4 << 20;
 
 thread_local! {
-    static IS_WORKER: RefCell<bool> = const { RefCell::new(false) };
+    static KEEPS_BUFFER: Cell<bool> = const { Cell::new(false) };
     static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on a buffer of `len` bytes whose content is unspecified (the caller overwrites
-/// all of it). Pool threads reuse theirs; other threads (many, in a server's blocking pool)
-/// get a fresh one, so that idle buffers stay few.
+/// all of it). Background threads reuse theirs; other threads (many, in a server's blocking
+/// pool) get a fresh one, so that idle buffers stay few.
 pub(crate) fn with_buffer<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-    let keep = len <= KEPT_BUFFER_MAX && IS_WORKER.with(|w| *w.borrow());
+    let keep = len <= KEPT_BUFFER_MAX && KEEPS_BUFFER.with(Cell::get);
     if !keep {
         return f(&mut vec![0; len]);
     }
@@ -106,5 +108,18 @@ mod tests {
         with_buffer(4096, |b| {
             assert!(b.iter().all(|&x| x == 0), "others allocate afresh")
         });
+    }
+
+    #[test]
+    fn a_background_thread_keeps_its_buffer_like_the_pool_threads() {
+        std::thread::spawn(|| {
+            become_background_thread();
+            with_buffer(8192, |b| b.fill(7));
+            with_buffer(4096, |b| {
+                assert_eq!(b, &[7; 4096][..], "a job's thread keeps its buffer")
+            });
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -11,7 +11,7 @@ pub mod range_lock;
 mod status;
 
 pub use chain::{ChainOptions, Layer, MAX_CHAIN_DEPTH};
-pub use copy_pool::lower_cpu_priority;
+pub use copy_pool::become_background_thread;
 pub use imgstream_format::{
     BackingRef, CheckReport, Error, ErrorKind, FormatKind, FormatSpecific, RepairMode, Result,
 };

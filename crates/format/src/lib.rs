@@ -12,6 +12,7 @@ pub mod qed;
 pub mod raw;
 pub mod recording;
 pub mod storage;
+pub mod write_gate;
 
 pub use error::{Error, ErrorKind, Result};
 pub use storage::{FileStorage, LockMode, Storage};

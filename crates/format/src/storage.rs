@@ -1,6 +1,7 @@
 //! Byte storage under an image: positioned reads and writes, flush, size, and QEMU-compatible locks.
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::write_gate::WriteGate;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -41,11 +42,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn path(&self) -> &Path;
 }
 
-/// A regular file, accessed with pread/pwrite.
+/// A regular file, accessed with pread/pwrite; writes pass its [`WriteGate`].
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    writes: WriteGate,
 }
 
 impl FileStorage {
@@ -68,6 +70,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            writes: WriteGate::default(),
         })
     }
 
@@ -83,6 +86,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.to_path_buf(),
+            writes: WriteGate::default(),
         })
     }
 
@@ -114,12 +118,14 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.file.write_all_at(buf, offset).map_err(|e| {
-            Error::io(
-                format!("Write to '{}' at {offset} failed", self.path.display()),
-                e,
-            )
-        })
+        self.writes
+            .write(offset, buf, |at, bytes| self.file.write_all_at(bytes, at))
+            .map_err(|e| {
+                Error::io(
+                    format!("Write to '{}' at {offset} failed", self.path.display()),
+                    e,
+                )
+            })
     }
 
     fn flush(&self) -> Result<()> {

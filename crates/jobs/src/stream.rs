@@ -82,7 +82,7 @@ impl JobWork for StreamJob {
         let disk = &self.disk;
         let len = disk.size();
         // This thread copies too (its share of each step): background work, below the guest.
-        imgstream_block::lower_cpu_priority();
+        imgstream_block::become_background_thread();
         // Guest reads now pull what they touch above the base, as QEMU's COR filter does.
         disk.set_copy_on_read(base_depth);
         let mut first_error = None;
