@@ -38,6 +38,18 @@ pub struct ServerConfig {
     /// it drops their replies and closes anyway (a client that stopped
     /// reading its replies would otherwise hold shutdown up for ever).
     pub drain_timeout: Duration,
+    /// Backend calls (reads, writes, ...; not flushes) run at once across all connections;
+    /// the others wait in arrival order. On two cores with a dozen guest requests in flight
+    /// during a stream, letting them all run made the kernel's scheduler pick their order:
+    /// bench/serve.py gave the guest a read p99 of 3.1-3.7 ms unlimited, 2.1-2.6 ms with 4
+    /// (QSD: 1.7-3.4 ms). 0 means no limit.
+    pub max_backend_calls: usize,
+}
+
+/// The default [`ServerConfig::max_backend_calls`]: two per core, at least 4.
+fn default_backend_calls() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cores).max(4)
 }
 
 impl Default for ServerConfig {
@@ -47,6 +59,7 @@ impl Default for ServerConfig {
             max_requests_per_connection: 64,
             max_bytes_per_connection: 64 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
+            max_backend_calls: default_backend_calls(),
         }
     }
 }
@@ -69,6 +82,8 @@ struct Inner {
     /// One permit per connection allowed by `max_connections`.
     slots: Arc<Semaphore>,
     connections: AtomicUsize,
+    /// One permit per backend call allowed by `max_backend_calls`.
+    backend_calls: Arc<Semaphore>,
 }
 
 /// A slot counted in [`Server::connections`] while it lives.
@@ -122,8 +137,13 @@ impl Server {
             0 => Semaphore::MAX_PERMITS,
             max => max.min(Semaphore::MAX_PERMITS),
         };
+        let backend_calls = match config.max_backend_calls {
+            0 => Semaphore::MAX_PERMITS,
+            max => max.min(Semaphore::MAX_PERMITS),
+        };
         Server {
             inner: Arc::new(Inner {
+                backend_calls: Arc::new(Semaphore::new(backend_calls)),
                 config,
                 exports: ExportTable::default(),
                 shutdown: Latch::new(),
@@ -306,6 +326,7 @@ impl Server {
             max_requests: config.max_requests_per_connection.max(1),
             max_bytes: config.max_bytes_per_connection,
             drain_timeout: config.drain_timeout,
+            backend_calls: Arc::clone(&self.inner.backend_calls),
         };
         transmission::serve(stream, negotiated, limits, shutdown.clone()).await;
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use imgstream_nbd::ExportBackend;
+use imgstream_nbd::{ExportBackend, ServerConfig};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -255,6 +255,42 @@ print('verified', ok)",
         overlap > 1,
         "requests of one connection never ran concurrently"
     );
+}
+
+#[test]
+fn backend_calls_beyond_the_servers_maximum_wait_their_turn() {
+    let mut backend = MemBackend::new(4 * MIB);
+    backend.op_delay = Duration::from_millis(20);
+    let backend = Arc::new(backend);
+    let config = ServerConfig {
+        max_backend_calls: 2,
+        ..ServerConfig::default()
+    };
+    let ts = TestServer::start_with(config, vec![("disk", export(&backend))]);
+    // Two connections, 16 writes each in flight: the server has taken them all, and runs
+    // two at a time.
+    let uri = ts.uri("disk");
+    let script = format!(
+        "h2 = nbd.NBD()
+h2.connect_uri({uri:?})
+n = 16
+def write(c, i):
+    return c.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([i % n + 1]) * 65536), i * 65536)
+cookies = [(c, write(c, i)) for c, first in ((h, 0), (h2, n)) for i in range(first, first + n)]
+print('in flight', h.aio_in_flight(), h2.aio_in_flight())
+while h.aio_in_flight() + h2.aio_in_flight() > 0:
+    for c in (h, h2):
+        if c.aio_in_flight() > 0:
+            c.poll(0)
+print('completed', all(c.aio_command_completed(k) for c, k in cookies))"
+    );
+    let out = nbdsh(&uri, "", &script);
+    assert!(out.contains("completed True"), "{out}");
+    for i in 0..32u64 {
+        let at = (i * 65536) as usize;
+        assert_eq!(backend.bytes()[at], (i % 16) as u8 + 1, "block {i}");
+    }
+    assert_eq!(backend.max_in_flight.load(Ordering::SeqCst), 2);
 }
 
 #[test]
