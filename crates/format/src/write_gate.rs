@@ -4,8 +4,8 @@
 //! exclusively for each), but a writer that finds the lock taken spins on it while the holder
 //! runs. With a stream job's copies and a dozen guest requests writing to the same image on two
 //! cores, perf showed 55% of the daemon's CPU in `rwsem_spin_on_owner`, CPU the guest and the
-//! NBD client needed. Waiting here sleeps instead, and decides the order: a waiting guest write
-//! goes before a waiting background one (a thread marked by [`mark_background_thread`], such
+//! NBD client needed. Waiting here sleeps instead, and decides the order: a guest write goes
+//! alone, and a waiting guest write goes before a waiting background one (a thread marked by [`mark_background_thread`], such
 //! as the stream's copy threads), background writes enter in [`BACKGROUND_PIECE`]s so that a
 //! guest write never waits behind a large copy, and after [`FOREGROUND_BURST`] guest writes
 //! in a row a waiting background piece goes, so a busy guest cannot stall the job.
@@ -37,8 +37,11 @@ fn is_background_thread() -> bool {
 
 #[derive(Debug, Default)]
 struct GateState {
-    /// A write is in the kernel.
-    busy: bool,
+    /// A foreground write is in the kernel.
+    foreground_in: bool,
+    /// Background writes in the kernel: several may be, since they only compete with each
+    /// other (handing the gate over between copy threads would cost a wake-up per piece).
+    background_in: usize,
     foreground_waiting: usize,
     background_waiting: usize,
     /// Foreground writes that entered since the last background one.
@@ -51,11 +54,12 @@ impl GateState {
     }
 
     fn foreground_may_enter(&self) -> bool {
-        !self.busy && !self.background_due()
+        !self.foreground_in && self.background_in == 0 && !self.background_due()
     }
 
     fn background_may_enter(&self) -> bool {
-        !self.busy && (self.foreground_waiting == 0 || self.foreground_in_a_row >= FOREGROUND_BURST)
+        !self.foreground_in
+            && (self.foreground_waiting == 0 || self.foreground_in_a_row >= FOREGROUND_BURST)
     }
 }
 
@@ -67,23 +71,26 @@ pub struct WriteGate {
     background_turn: Condvar,
 }
 
-/// The gate held: the write in the kernel. Dropping it lets the next writer in.
+/// The gate held: the write in the kernel. Dropping it lets the next writers in.
 struct Entered<'a> {
     gate: &'a WriteGate,
+    background: bool,
 }
 
 impl Drop for Entered<'_> {
     fn drop(&mut self) {
         let mut state = self.gate.lock();
-        state.busy = false;
-        // Wake one writer that may enter now; it re-checks, so a writer that slipped in
-        // first only delays it until that writer leaves (and wakes the next).
-        if state.background_waiting > 0
-            && (state.foreground_waiting == 0 || state.foreground_in_a_row >= FOREGROUND_BURST)
-        {
-            self.gate.background_turn.notify_one();
-        } else if state.foreground_waiting > 0 {
+        if self.background {
+            state.background_in -= 1;
+        } else {
+            state.foreground_in = false;
+        }
+        // Wake the writers that may enter now; they re-check, so a writer that slipped in
+        // first only delays them until it leaves (and wakes them again).
+        if state.foreground_waiting > 0 && state.foreground_may_enter() {
             self.gate.foreground_turn.notify_one();
+        } else if state.background_waiting > 0 && state.background_may_enter() {
+            self.gate.background_turn.notify_all();
         }
     }
 }
@@ -105,6 +112,7 @@ impl WriteGate {
                     .unwrap_or_else(PoisonError::into_inner);
             }
             state.background_waiting -= 1;
+            state.background_in += 1;
             state.foreground_in_a_row = 0;
         } else {
             state.foreground_waiting += 1;
@@ -115,10 +123,13 @@ impl WriteGate {
                     .unwrap_or_else(PoisonError::into_inner);
             }
             state.foreground_waiting -= 1;
+            state.foreground_in = true;
             state.foreground_in_a_row = state.foreground_in_a_row.saturating_add(1);
         }
-        state.busy = true;
-        Entered { gate: self }
+        Entered {
+            gate: self,
+            background,
+        }
     }
 
     /// Runs `write(offset, bytes)` for `data` at `offset` through the gate: in one call for a
@@ -267,6 +278,40 @@ mod tests {
             "after the holder and {} more foreground writes the background piece goes: {order:?}",
             FOREGROUND_BURST - 1
         );
+    }
+
+    #[test]
+    fn background_writes_share_the_gate_and_a_foreground_one_waits_for_them() {
+        let gate = Arc::new(WriteGate::default());
+        let (release, released) = mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(released));
+        let (entered, is_entered) = mpsc::channel();
+        let background: Vec<_> = (0..2)
+            .map(|_| {
+                let (gate, entered, released) =
+                    (Arc::clone(&gate), entered.clone(), Arc::clone(&released));
+                thread::spawn(move || {
+                    mark_background_thread();
+                    gate.write(0, &[0u8; 1], |_, _| {
+                        entered.send(()).map_err(|_| ())?;
+                        let _ = released.lock().map_err(|_| ())?.recv();
+                        Ok::<(), ()>(())
+                    })
+                    .expect("background write");
+                })
+            })
+            .collect();
+        // Both are in the kernel at once: neither waited for the other.
+        is_entered.recv().unwrap();
+        is_entered.recv().unwrap();
+        let (log, entries) = mpsc::channel();
+        let foreground = spawn_writer(&gate, false, "fg", 10, &log);
+        wait_until(&gate, (1, 0));
+        drop(release);
+        background.into_iter().for_each(|w| w.join().unwrap());
+        foreground.join().unwrap();
+        drop(log);
+        assert_eq!(entries.iter().count(), 1);
     }
 
     #[test]
