@@ -105,23 +105,21 @@ impl WriteGate {
         let mut state = self.lock();
         if background {
             state.background_waiting += 1;
-            while !state.background_may_enter() {
-                state = self
-                    .background_turn
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
+            state = self.wait_turn(
+                state,
+                &self.background_turn,
+                GateState::background_may_enter,
+            );
             state.background_waiting -= 1;
             state.background_in += 1;
             state.foreground_in_a_row = 0;
         } else {
             state.foreground_waiting += 1;
-            while !state.foreground_may_enter() {
-                state = self
-                    .foreground_turn
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
+            state = self.wait_turn(
+                state,
+                &self.foreground_turn,
+                GateState::foreground_may_enter,
+            );
             state.foreground_waiting -= 1;
             state.foreground_in = true;
             state.foreground_in_a_row = state.foreground_in_a_row.saturating_add(1);
@@ -130,6 +128,18 @@ impl WriteGate {
             gate: self,
             background,
         }
+    }
+
+    fn wait_turn<'a>(
+        &self,
+        mut state: MutexGuard<'a, GateState>,
+        turn: &Condvar,
+        may_enter: fn(&GateState) -> bool,
+    ) -> MutexGuard<'a, GateState> {
+        while !may_enter(&state) {
+            state = turn.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        state
     }
 
     /// Runs `write(offset, bytes)` for `data` at `offset` through the gate: in one call for a
