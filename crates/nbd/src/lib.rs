@@ -25,6 +25,7 @@ pub mod protocol;
 mod reply;
 mod server;
 mod transmission;
+mod workers;
 
 pub use export::{BackendError, Export, ExportBackend, ExportError, StatusRun};
 pub use protocol::nbd_error_from_errno;

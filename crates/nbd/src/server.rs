@@ -18,6 +18,7 @@ use crate::export::{Export, ExportError, ExportTable};
 use crate::handshake::{self, Outcome};
 use crate::latch::Latch;
 use crate::transmission::{self, Limits};
+use crate::workers::BackendWorkers;
 
 /// Tunables of a [`Server`].
 #[derive(Debug, Clone)]
@@ -38,11 +39,12 @@ pub struct ServerConfig {
     /// it drops their replies and closes anyway (a client that stopped
     /// reading its replies would otherwise hold shutdown up for ever).
     pub drain_timeout: Duration,
-    /// Backend calls (reads, writes, ...; not flushes) run at once across all connections;
-    /// the others wait in arrival order. On two cores with a dozen guest requests in flight
-    /// during a stream, letting them all run made the kernel's scheduler pick their order:
-    /// bench/serve.py gave the guest a read p99 of 3.1-3.7 ms unlimited, 2.1-2.6 ms with 4
-    /// (QSD: 1.7-3.4 ms). 0 means no limit.
+    /// Backend calls (reads, writes, ...; not flushes) run at once across all connections,
+    /// each on one of the server's own threads; the others wait in arrival order. On two
+    /// cores with a dozen guest requests in flight during a stream, letting them all run
+    /// made the kernel's scheduler pick their order: bench/serve.py gave the guest a read
+    /// p99 of 3.1-3.7 ms unlimited, 2.1-2.6 ms with 4 (QSD: 1.7-3.4 ms). 0 means no limit
+    /// (each call then gets a thread of tokio's blocking pool).
     pub max_backend_calls: usize,
 }
 
@@ -82,8 +84,8 @@ struct Inner {
     /// One permit per connection allowed by `max_connections`.
     slots: Arc<Semaphore>,
     connections: AtomicUsize,
-    /// One permit per backend call allowed by `max_backend_calls`.
-    backend_calls: Arc<Semaphore>,
+    /// `max_backend_calls` threads.
+    backend_workers: Arc<BackendWorkers>,
 }
 
 /// A slot counted in [`Server::connections`] while it lives.
@@ -137,13 +139,13 @@ impl Server {
             0 => Semaphore::MAX_PERMITS,
             max => max.min(Semaphore::MAX_PERMITS),
         };
-        let backend_calls = match config.max_backend_calls {
-            0 => Semaphore::MAX_PERMITS,
-            max => max.min(Semaphore::MAX_PERMITS),
-        };
+        let backend_workers = BackendWorkers::new(config.max_backend_calls).unwrap_or_else(|e| {
+            warn!("no backend threads ({e}); backend calls use tokio's blocking pool");
+            BackendWorkers::unlimited()
+        });
         Server {
             inner: Arc::new(Inner {
-                backend_calls: Arc::new(Semaphore::new(backend_calls)),
+                backend_workers: Arc::new(backend_workers),
                 config,
                 exports: ExportTable::default(),
                 shutdown: Latch::new(),
@@ -326,7 +328,7 @@ impl Server {
             max_requests: config.max_requests_per_connection.max(1),
             max_bytes: config.max_bytes_per_connection,
             drain_timeout: config.drain_timeout,
-            backend_calls: Arc::clone(&self.inner.backend_calls),
+            workers: Arc::clone(&self.inner.backend_workers),
         };
         transmission::serve(stream, negotiated, limits, shutdown.clone()).await;
     }

@@ -14,6 +14,7 @@ use crate::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use crate::latch::Latch;
 use crate::protocol::*;
 use crate::reply::{Reply, ReplyWriter};
+use crate::workers::{run_on_blocking_pool, BackendWorkers};
 
 /// Advertised minimum block size: backends are byte-addressable.
 pub(crate) const MIN_BLOCK_SIZE: u32 = 1;
@@ -34,8 +35,8 @@ pub(crate) struct Limits {
     /// [`MAX_PAYLOAD_SIZE`], so that any valid request can run.
     pub(crate) max_bytes: u32,
     pub(crate) drain_timeout: Duration,
-    /// The server's backend call slots, shared by all its connections.
-    pub(crate) backend_calls: Arc<Semaphore>,
+    /// The server's backend threads, shared by all its connections.
+    pub(crate) workers: Arc<BackendWorkers>,
 }
 
 /// A request header as it came off the wire.
@@ -306,88 +307,67 @@ pub(crate) fn extents_from_runs(
     Ok(extents)
 }
 
-/// Runs a backend call on the blocking pool; a panic becomes `EIO`.
-async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
-) -> Result<T, BackendError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|_| Err(BackendError::new(libc::EIO, "Backend call panicked")))
-}
-
-/// Runs a backend call once one of the server's call slots is free (see
-/// [`ServerConfig::max_backend_calls`](crate::ServerConfig::max_backend_calls)).
-async fn blocking<T: Send + 'static>(
-    calls: &Semaphore,
-    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
-) -> Result<T, BackendError> {
-    // The semaphore is never closed; if it were, running unslotted is still correct.
-    let _slot = calls.acquire().await.ok();
-    run_blocking(f).await
-}
-
 async fn execute(
     command: Command,
     backend: Arc<dyn ExportBackend>,
     payload: Vec<u8>,
-    calls: Arc<Semaphore>,
+    workers: Arc<BackendWorkers>,
 ) -> Reply {
-    let calls = &*calls;
     let result = match command {
         Command::Read { offset, len } => {
-            let data = blocking(calls, move || {
-                let mut buf = vec![0; len as usize];
-                backend.read(offset, &mut buf).map(|()| buf)
-            })
-            .await;
+            let data = workers
+                .run(move || {
+                    let mut buf = vec![0; len as usize];
+                    backend.read(offset, &mut buf).map(|()| buf)
+                })
+                .await;
             data.map(|data| Reply::Data { offset, data })
         }
-        Command::Write { offset, fua } => {
-            blocking(calls, move || backend.write(offset, &payload, fua))
-                .await
-                .map(|()| Reply::Done)
-        }
-        // A flush mostly waits for the device: it takes no slot, so that it cannot hold up
-        // the reads and writes behind it.
-        Command::Flush => run_blocking(move || backend.flush())
+        Command::Write { offset, fua } => workers
+            .run(move || backend.write(offset, &payload, fua))
+            .await
+            .map(|()| Reply::Done),
+        // A flush mostly waits for the device: it takes no backend thread, so that it
+        // cannot hold up the reads and writes behind it.
+        Command::Flush => run_on_blocking_pool(move || backend.flush())
             .await
             .map(|()| Reply::Done),
         Command::Trim { offset, len, fua } => {
-            blocking(calls, move || {
-                backend.trim(offset, len.into())?;
-                if fua {
-                    backend.flush()?;
-                }
-                Ok(Reply::Done)
-            })
-            .await
+            workers
+                .run(move || {
+                    backend.trim(offset, len.into())?;
+                    if fua {
+                        backend.flush()?;
+                    }
+                    Ok(Reply::Done)
+                })
+                .await
         }
         Command::WriteZeroes {
             offset,
             len,
             may_unmap,
             fua,
-        } => blocking(calls, move || {
-            backend.write_zeroes(offset, len.into(), may_unmap, fua)
-        })
-        .await
-        .map(|()| Reply::Done),
+        } => workers
+            .run(move || backend.write_zeroes(offset, len.into(), may_unmap, fua))
+            .await
+            .map(|()| Reply::Done),
         Command::BlockStatus {
             offset,
             len,
             req_one,
-        } => blocking(calls, move || backend.block_status(offset, len.into()))
+        } => workers
+            .run(move || backend.block_status(offset, len.into()))
             .await
             .and_then(|runs| extents_from_runs(&runs, len, req_one))
             .map(|extents| Reply::BlockStatus {
                 context_id: BASE_ALLOCATION_ID,
                 extents,
             }),
-        Command::Cache { offset, len } => {
-            blocking(calls, move || backend.cache(offset, len.into()))
-                .await
-                .map(|()| Reply::Done)
-        }
+        Command::Cache { offset, len } => workers
+            .run(move || backend.cache(offset, len.into()))
+            .await
+            .map(|()| Reply::Done),
         Command::Disconnect => Ok(Reply::Done),
     };
     result.unwrap_or_else(|e| {
@@ -509,11 +489,11 @@ where
         }
 
         let (backend, writer, hangup) = (Arc::clone(&backend), Arc::clone(&writer), hangup.clone());
-        let backend_calls = Arc::clone(&limits.backend_calls);
+        let workers = Arc::clone(&limits.workers);
         tokio::spawn(async move {
             let _permits = (request_permit, buffer_permit);
             let reply = match checked {
-                Ok(command) => execute(command, backend, payload, backend_calls).await,
+                Ok(command) => execute(command, backend, payload, workers).await,
                 Err(rejection) => {
                     debug!(?header, message = %rejection.message, "NBD request rejected");
                     Reply::Error {
