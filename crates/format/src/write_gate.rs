@@ -1,14 +1,17 @@
-//! The write gate of one file: lets one write into the kernel at a time, the guest's first.
+//! The write gate of one file: orders the writes that enter the kernel, the guest's first.
 //!
 //! Linux serialises buffered writes to one file anyway (ext4 and XFS take the inode lock
 //! exclusively for each), but a writer that finds the lock taken spins on it while the holder
 //! runs. With a stream job's copies and a dozen guest requests writing to the same image on two
 //! cores, perf showed 55% of the daemon's CPU in `rwsem_spin_on_owner`, CPU the guest and the
-//! NBD client needed. Waiting here sleeps instead, and decides the order: a guest write goes
-//! alone, and a waiting guest write goes before a waiting background one (a thread marked by [`mark_background_thread`], such
-//! as the stream's copy threads), background writes enter in [`BACKGROUND_PIECE`]s so that a
-//! guest write never waits behind a large copy, and after [`FOREGROUND_BURST`] guest writes
-//! in a row a waiting background piece goes, so a busy guest cannot stall the job.
+//! NBD client needed. Waiting here sleeps instead, and decides the order:
+//! - a guest write goes into the kernel alone, and a waiting guest write goes before a waiting
+//!   background one (from a thread marked by [`mark_background_thread`], such as a stream's
+//!   copy threads);
+//! - background writes enter in [`BACKGROUND_PIECE`]s, so that a guest write never waits
+//!   behind a large copy, and several may be in at once (they only compete with each other);
+//! - after [`FOREGROUND_BURST`] guest writes in a row a waiting background piece goes, so a
+//!   busy guest cannot stall the job.
 
 use std::cell::Cell;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
