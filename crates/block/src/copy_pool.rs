@@ -46,10 +46,10 @@ pub(crate) fn pool() -> Option<&'static rayon::ThreadPool> {
 const COPY_THREAD_NICE: libc::c_int = 19;
 
 /// Makes the calling thread a background copier, for the copy-up threads and for a job's
-/// own thread, which copies too: [`COPY_THREAD_NICE`] (on Linux, nice is per thread), its
-/// file writes yield to the guest's
-/// ([`mark_background_thread`](imgstream_format::write_gate::mark_background_thread)), and
-/// it keeps its copy buffer between copies.
+/// own thread, which copies too: [`COPY_THREAD_NICE`] (on Linux, nice is per thread), file
+/// writes in small pieces that do not queue behind the guest's
+/// ([`mark_background_thread`](imgstream_format::write_gate::mark_background_thread)), and a
+/// copy buffer kept between copies.
 pub fn become_background_thread() {
     KEEPS_BUFFER.with(|keeps| keeps.set(true));
     imgstream_format::write_gate::mark_background_thread();
