@@ -425,6 +425,10 @@ impl Job {
         }
         drop(state);
         work.clean();
+        // Let go of what the work holds (its disk) before anyone can see the job finished: a
+        // command that exits once its job is finished then closes the image itself, instead
+        // of racing this thread to it.
+        drop(work);
         let mut state = self.lock();
         self.transition(&mut state, JobStatus::Concluded);
         if !state.auto_dismiss {

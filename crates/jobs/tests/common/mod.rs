@@ -409,19 +409,10 @@ pub fn top_defined_bytes(file: &Path, fmt: &str) -> u64 {
     total
 }
 
-/// Drops the test's handle on the disk once the job thread has dropped its own (which it does
-/// just after the job reaches `null`), so that QEMU's tools can lock the image.
+/// Drops the test's handle on the disk, the last one once the job has concluded (a job lets
+/// go of its disk before it does), so that QEMU's tools can lock the image.
 pub fn close(disk: Arc<Disk>) {
-    let mut disk = disk;
-    for _ in 0..10_000 {
-        match Arc::try_unwrap(disk) {
-            Ok(inner) => {
-                drop(inner);
-                return;
-            }
-            Err(shared) => disk = shared,
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    panic!("the job thread still holds the disk after 10 s");
+    let disk = Arc::try_unwrap(disk)
+        .unwrap_or_else(|_| panic!("the job still holds the disk after it concluded"));
+    drop(disk);
 }
