@@ -288,14 +288,23 @@ impl Disk {
         Ok(())
     }
 
-    /// Starts writing the top's completed writes back without waiting (see
-    /// [`Storage::start_writeback`](imgstream_format::Storage::start_writeback)).
-    pub fn start_writeback(&self) -> Result<()> {
+    /// Writes back `[offset, offset + len)` of the top's file (see
+    /// [`Storage::write_back`](imgstream_format::Storage::write_back)).
+    pub fn write_back(&self, offset: u64, len: u64, wait: bool) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
         let layers = self.read_layers();
-        top_of(&layers)?.image.storage().start_writeback()
+        top_of(&layers)?
+            .image
+            .storage()
+            .write_back(offset, len, wait)
+    }
+
+    /// The length of the top's file: where its next new clusters go.
+    pub fn top_file_len(&self) -> Result<u64> {
+        let layers = self.read_layers();
+        top_of(&layers)?.image.storage().len()
     }
 
     /// Makes every completed write durable.

@@ -15,10 +15,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
-    /// Starts writing completed writes back to the device without waiting for them: a hint
-    /// that lets a long copy overlap its writeback, so that the flush at its end finds little
-    /// left to do. Durability still needs [`flush`](Self::flush).
-    fn start_writeback(&self) -> Result<()> {
+    /// Writes back `[offset, offset + len)` (`len` 0: to the end): starts sending its
+    /// completed writes to the device and, with `wait`, waits until all of them there have
+    /// reached it. Not a flush: nothing is durable before [`flush`](Self::flush) (the device
+    /// may cache, the metadata is not written). It lets a long copy overlap its writeback, and
+    /// keep no more than it chooses ahead of the device.
+    fn write_back(&self, _offset: u64, _len: u64, _wait: bool) -> Result<()> {
         Ok(())
     }
     /// Current size in bytes.
@@ -134,12 +136,25 @@ impl Storage for FileStorage {
             .map_err(|e| Error::io(format!("Flush of '{}' failed", self.path.display()), e))
     }
 
-    fn start_writeback(&self) -> Result<()> {
-        // SAFETY: plain syscall on a descriptor we own; offset 0 with length 0 means "to the
-        // end of the file", and SYNC_FILE_RANGE_WRITE only queues the dirty pages.
-        let rc = unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
+    fn write_back(&self, offset: u64, len: u64, wait: bool) -> Result<()> {
+        let flags = if wait {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        } else {
+            libc::SYNC_FILE_RANGE_WRITE
         };
+        let (Ok(offset), Ok(len)) = (
+            libc::off64_t::try_from(offset),
+            libc::off64_t::try_from(len),
+        ) else {
+            return Err(Error::invalid(format!(
+                "Writeback range {offset}+{len} of '{}' is out of range",
+                self.path.display()
+            )));
+        };
+        // SAFETY: plain syscall on a descriptor we own, with integer arguments only.
+        let rc = unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset, len, flags) };
         if rc != 0 {
             let error = std::io::Error::last_os_error();
             return Err(Error::io(

@@ -5,6 +5,7 @@
 
 use crate::error_policy::{ErrorAction, OnError};
 use crate::job::{JobControl, JobError, JobWork};
+use crate::writeback_pacer::{WindowClosed, WritebackPacer};
 use imgstream_block::{BackingRef, Disk};
 use std::sync::Arc;
 
@@ -25,9 +26,6 @@ pub const UNLIMITED_CHUNK: u64 = 4 << 20;
 /// flushed). Each flush waits for the device, so they must stay rare.
 pub const FLUSH_INTERVAL: u64 = 4 << 30;
 pub const FLUSH_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
-/// The job asks the kernel to start writing back what it copied after this much data, so
-/// that the device writes while the job copies instead of all at the final flush.
-pub const WRITEBACK_INTERVAL: u64 = 32 << 20;
 
 /// What to stream.
 #[derive(Debug, Clone)]
@@ -57,6 +55,22 @@ impl StreamJob {
     }
 }
 
+/// Starts and waits for writeback as the pacer asks. Errors are only logged: writeback is a
+/// hint, and the flush that makes the data durable reports the real problem.
+fn write_back(disk: &Disk, closed: WindowClosed) {
+    let (offset, len) = closed.start;
+    // A length of 0 would mean "to the end of the file": an empty window has nothing to do.
+    if len > 0 {
+        if let Err(error) = disk.write_back(offset, len, false) {
+            tracing::debug!("writeback of {len} bytes at {offset} not started: {error}");
+        }
+    }
+    if let Some((offset, len)) = closed.wait.filter(|&(_, len)| len > 0) {
+        if let Err(error) = disk.write_back(offset, len, true) {
+            tracing::debug!("writeback of {len} bytes at {offset} not waited for: {error}");
+        }
+    }
+}
 fn job_error(error: imgstream_block::Error) -> JobError {
     JobError::new(error.errno(), error.to_string())
 }
@@ -89,7 +103,7 @@ impl JobWork for StreamJob {
         disk.set_copy_on_read(base_depth);
         let mut first_error = None;
         let mut since_flush = 0;
-        let mut since_writeback = 0;
+        let mut pacer = WritebackPacer::new(disk.top_file_len().unwrap_or(0));
         let mut last_flush = std::time::Instant::now();
         let mut offset = 0;
         while offset < len {
@@ -119,13 +133,8 @@ impl JobWork for StreamJob {
                         control.account(written);
                     }
                     since_flush += written;
-                    since_writeback += written;
-                    if since_writeback >= WRITEBACK_INTERVAL {
-                        // Only a hint: if it fails, the flush reports the real problem.
-                        if let Err(error) = disk.start_writeback() {
-                            tracing::debug!("writeback hint failed: {error}");
-                        }
-                        since_writeback = 0;
+                    if let Some(closed) = pacer.copied(written, || disk.top_file_len().ok()) {
+                        write_back(disk, closed);
                     }
                     if since_flush >= self.options.flush_interval.max(1)
                         || (since_flush > 0 && last_flush.elapsed() >= FLUSH_PERIOD)
