@@ -5,7 +5,11 @@ For each daemon, on a fresh copy of the chain each time, RUNS times:
   (a) stream-noload: block-stream -> BLOCK_JOB_COMPLETED with no guest I/O;
   (b) stream+fio:    the same while fio (nbd engine, random 4k, 70% reads, QD16, one
                      connection) runs from just before the stream until it completes;
-  (c) fio-idle:      fio alone for FIO_IDLE_S seconds.
+  (c) stream+fio-rate: the same with fio held to FIO_RATE_IOPS (70/30 reads/writes), a
+                     rate both daemons sustain during a stream: stream time and latency at
+                     the same guest load (in (b) the daemon that serves the guest faster
+                     also gets more guest I/O to do while it streams);
+  (d) fio-idle:      fio alone for FIO_IDLE_S seconds.
 Every end state is verified: qemu-img check, no backing file after a stream, and the guest
 content equal to the expected content outside the range fio writes to (fio is confined to
 the second half of the disk; the first half must match the original chain byte for byte).
@@ -28,6 +32,7 @@ MIB = 1 << 20
 # Overridable for a quick smoke run of the script itself (and BENCH_PHASES to run only some).
 RUNS = int(os.environ.get("BENCH_RUNS", 3))
 FIO_IDLE_S = 5
+FIO_RATE_IOPS = int(os.environ.get("FIO_RATE_IOPS", 12000))
 SIZE = int(os.environ.get("BENCH_SIZE_MIB", 2048)) * MIB
 CLUSTER = 64 * 1024
 # fio writes only here; the other half is compared with the original chain.
@@ -183,9 +188,13 @@ class Daemon:
             raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}")
 
 
-def fio(uri, runtime_s, out_path):
+def fio(uri, runtime_s, out_path, rate_iops=None):
+    rate = []
+    if rate_iops:
+        reads = rate_iops * 7 // 10
+        rate = [f"--rate_iops={reads},{rate_iops - reads}"]
     return subprocess.Popen(
-        ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", "--rw=randrw",
+        ["fio", "--name=guest", *rate, "--ioengine=nbd", f"--uri={uri}", "--rw=randrw",
          "--rwmixread=70", "--bs=4k", "--iodepth=16", "--numjobs=1", "--time_based",
          f"--runtime={runtime_s}", f"--offset={FIO_OFFSET}", f"--size={FIO_SIZE}",
          "--randrepeat=1", "--randseed=1234", "--output-format=json", f"--output={out_path}"],
@@ -259,11 +268,11 @@ def one_run(kind, binary, chain_dir, expected, phase, run):
         if phase == "stream-noload":
             result["stream_s"] = d.stream()
             result["durable_s"] = result["stream_s"] + fsync_s(dir)
-        elif phase == "stream+fio":
+        elif phase in ("stream+fio", "stream+fio-rate"):
             out = os.path.join(dir, "fio.json")
             top = os.path.join(dir, "top.qcow2")
             size0 = os.stat(top).st_size
-            proc = fio(d.uri, 600, out)
+            proc = fio(d.uri, 600, out, FIO_RATE_IOPS if phase == "stream+fio-rate" else None)
             # fio takes a while to set up; start the stream once its writes reach the image
             # (the top file grows at the first write to a cluster it does not have).
             for _ in range(2000):
@@ -317,7 +326,7 @@ def main():
     map_out = subprocess.run(["qemu-img", "map", "--output=json", os.path.join(workdir, "top.qcow2")],
                              check=True, capture_output=True, text=True).stdout
     to_copy = sum(e["length"] for e in json.loads(map_out) if e["depth"] > 0 and e["present"])
-    phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio fio-idle").split()
+    phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio stream+fio-rate fio-idle").split()
     results = {}
     for phase in phases:
         for run in range(RUNS):
@@ -339,7 +348,7 @@ def main():
              f"a full stream copies {to_copy / GIB:.2f} GiB. QSD: file nodes aio=threads, default cache. "
              f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}: "
              f"nbd engine, one connection, randrw 4k, rwmixread=70, iodepth=16, confined to the second half of the disk; "
-             f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED. "
+             f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED; stream+fio-rate is the same with fio held to {FIO_RATE_IOPS} IOPS (--rate_iops, 70/30). "
              f"until durable = stream wall + an fsync of the top file issued at BLOCK_JOB_COMPLETED (imgstream flushes before that event, QSD does not). "
              f"Medians of {RUNS} runs (min–max), each on a fresh copy of the chain. "
              f"verify = qemu-img check clean, no backing file after a stream, first half byte-equal to the original chain.",

@@ -71,6 +71,7 @@ fn write_back(disk: &Disk, closed: WindowClosed) {
         }
     }
 }
+
 fn job_error(error: imgstream_block::Error) -> JobError {
     JobError::new(error.errno(), error.to_string())
 }

@@ -7,11 +7,15 @@
 //! wait finds nothing to do (a stream with no guest I/O took the same time); when it does not,
 //! the job copies at the device's pace instead of filling the page cache and then waiting for
 //! all of it in the flush before the header rewrite. That flush made the end of a stream
-//! under guest load a long writeback the guest competed with; paced, the guest's p99 during
-//! a stream dropped from 1.16x QSD's to 0.91x, and the stream took 0.78x QSD's time
-//! instead of 0.56x (bench/serve_tail.py, 5 runs each, medians of per-run ratios to QSD).
+//! under guest load a long writeback the guest competed with. With fio saturating the guest's
+//! disk during the stream (bench/serve.py stream+fio, three runs of 5, medians of per-run ratios
+//! to QSD), pacing took the guest's p99 from 1.16-1.50x QSD's to 0.75-0.91x and its IOPS from
+//! 1.07x to 1.34-1.41x, and the stream from 0.51-0.61x QSD's time to 0.78-0.97x. The price is
+//! stream time: at a guest load both daemons sustain (stream+fio-rate) the paced stream took
+//! about QSD's time, the unpaced one about 0.8x, with the same guest p99. The guest comes first.
 //! Windows of 32 MiB with one in flight gave 0.72x QSD's p99 but 1.08x its stream time; the
-//! chosen 128 MiB and two keep the stream's copies at most 384 MiB ahead of the device.
+//! chosen 128 MiB and two keep the stream's copies at most 384 MiB ahead of the device
+//! (bench/results/serve-2026-11-27-tail.md).
 
 /// Bytes the job copies between two writeback calls.
 pub const WRITEBACK_WINDOW: u64 = 128 << 20;
