@@ -188,7 +188,7 @@ class Daemon:
             raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}")
 
 
-def fio(uri, runtime_s, out_path, rate_iops=None):
+def fio(uri, runtime_s, out_path, rate_iops=None, extra=()):
     rate = []
     if rate_iops:
         reads = rate_iops * 7 // 10
@@ -197,8 +197,21 @@ def fio(uri, runtime_s, out_path, rate_iops=None):
         ["fio", "--name=guest", *rate, "--ioengine=nbd", f"--uri={uri}", "--rw=randrw",
          "--rwmixread=70", "--bs=4k", "--iodepth=16", "--numjobs=1", "--time_based",
          f"--runtime={runtime_s}", f"--offset={FIO_OFFSET}", f"--size={FIO_SIZE}",
-         "--randrepeat=1", "--randseed=1234", "--output-format=json", f"--output={out_path}"],
+         "--randrepeat=1", "--randseed=1234", "--output-format=json", f"--output={out_path}",
+         *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_for_guest_writes(top, proc):
+    """Returns once fio's writes reach the image (fio takes a while to set up; the top file
+    grows at the first write to a cluster it does not have)."""
+    size0 = os.stat(top).st_size
+    for _ in range(2000):
+        if os.stat(top).st_size != size0 or proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        raise RuntimeError(f"fio ended early: {proc.stderr.read().decode()}")
 
 
 def fio_result(proc, out_path, interrupted=False):
@@ -270,17 +283,8 @@ def one_run(kind, binary, chain_dir, expected, phase, run):
             result["durable_s"] = result["stream_s"] + fsync_s(dir)
         elif phase in ("stream+fio", "stream+fio-rate"):
             out = os.path.join(dir, "fio.json")
-            top = os.path.join(dir, "top.qcow2")
-            size0 = os.stat(top).st_size
             proc = fio(d.uri, 600, out, FIO_RATE_IOPS if phase == "stream+fio-rate" else None)
-            # fio takes a while to set up; start the stream once its writes reach the image
-            # (the top file grows at the first write to a cluster it does not have).
-            for _ in range(2000):
-                if os.stat(top).st_size != size0 or proc.poll() is not None:
-                    break
-                time.sleep(0.005)
-            if proc.poll() is not None:
-                raise RuntimeError(f"fio ended early: {proc.stderr.read().decode()}")
+            wait_for_guest_writes(os.path.join(dir, "top.qcow2"), proc)
             result["stream_s"] = d.stream()
             proc.send_signal(2)  # SIGINT: fio stops and reports
             result["durable_s"] = result["stream_s"] + fsync_s(dir)

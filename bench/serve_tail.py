@@ -15,9 +15,7 @@ import glob
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import serve  # noqa: E402
@@ -44,20 +42,9 @@ def one(kind, binary, env, chain, run):
         os.environ.clear()
         os.environ.update(saved)
     try:
-        top = os.path.join(dir, "top.qcow2")
-        size0 = os.stat(top).st_size
         out = os.path.join(dir, "fio.json")
-        proc = subprocess.Popen(
-            ["fio", "--name=guest", "--ioengine=nbd", f"--uri={d.uri}", "--rw=randrw",
-             "--rwmixread=70", "--bs=4k", "--iodepth=16", "--numjobs=1", "--time_based",
-             "--runtime=600", f"--offset={serve.FIO_OFFSET}", f"--size={serve.FIO_SIZE}",
-             "--randrepeat=1", "--randseed=1234", "--output-format=json", f"--output={out}",
-             f"--write_lat_log={dir}/lat", "--log_avg_msec=0"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(2000):  # as serve.py: start once fio's writes reach the image
-            if os.stat(top).st_size != size0 or proc.poll() is not None:
-                break
-            time.sleep(0.005)
+        proc = serve.fio(d.uri, 600, out, extra=[f"--write_lat_log={dir}/lat", "--log_avg_msec=0"])
+        serve.wait_for_guest_writes(os.path.join(dir, "top.qcow2"), proc)
         stream_s = d.stream()
         proc.send_signal(2)
         serve.fio_result(proc, out, interrupted=True)
