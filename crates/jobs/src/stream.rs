@@ -134,7 +134,9 @@ impl JobWork for StreamJob {
                         control.account(written);
                     }
                     since_flush += written;
-                    if let Some(closed) = pacer.copied(written, || disk.top_file_len().ok()) {
+                    // Zero clusters write no data: only copied bytes fill a window.
+                    let data = outcome.map_or(0, |o| o.copied);
+                    if let Some(closed) = pacer.copied(data, || disk.top_file_len().ok()) {
                         write_back(disk, closed);
                     }
                     if since_flush >= self.options.flush_interval.max(1)
