@@ -1,34 +1,41 @@
 //! The write gate of one file: guest writes enter the kernel one at a time, background writes
-//! in small pieces.
+//! one small piece at a time, and neither kind waits for the other here.
 //!
 //! Linux serialises buffered writes to one file anyway (ext4 and XFS take the inode lock
 //! exclusively for each), but a writer that finds the lock taken spins on it while the holder
 //! runs. With a stream job's copies and a dozen guest requests writing to the same image on two
 //! cores, perf showed 55% of the daemon's CPU in `rwsem_spin_on_owner`, CPU the guest and the
 //! NBD client needed. So:
-//! - guest writes wait for each other here, asleep, and at most one spins in the kernel;
+//! - guest writes wait for each other here, asleep;
 //! - background writes (from a thread marked by [`mark_background_thread`], such as a stream's
-//!   copy threads) do not wait here, but enter the kernel in [`BACKGROUND_PIECE`]s, so that a
-//!   guest write waits there for at most a piece per copy thread.
+//!   copy threads) enter the kernel in [`BACKGROUND_PIECE`]s and wait for each other here,
+//!   asleep, a piece at a time;
+//! - a guest write never queues behind background ones here: at most one of each kind is in
+//!   the kernel, so a guest write waits there for at most one piece.
 //!
-//! Background writes used to queue here too, behind waiting guest writes: the stream then
-//! spent a sixth of its time asleep at the gate or waking up from it, and under guest load took
-//! 0.86x QSD's time against 0.57x without (bench/serve.py stream+fio, 6 runs interleaved with
-//! QSD), with the same guest p99.
+//! Background writes used to queue here behind waiting guest writes: the stream then spent a
+//! sixth of its time asleep at the gate or waking up from it, and under guest load took 0.86x
+//! QSD's time against 0.57x without (bench/serve.py stream+fio, 6 runs interleaved with QSD).
+//! Background writes not waiting for each other cost a stream with no guest I/O a fifth of its
+//! CPU in `rwsem_spin_on_owner` (the job's thread and a copy thread writing at once); under
+//! guest load that spinning took CPU from the guest and from the stream's own copies. Taking
+//! turns here (4 runs interleaved with QSD, medians of per-run ratios, stream+fio): stream
+//! 0.73x QSD's time against 1.05x, guest p99 0.84x/0.90x against 1.08x/1.24x, guest IOPS 1.45x
+//! against 1.30x (bench/results/serve-2026-11-27-background-turns.md).
 
 use std::cell::Cell;
 use std::sync::{Mutex, PoisonError};
 
 /// Bytes a background write hands to the kernel at once (a guest write waits for at most one
-/// of these per copy thread).
+/// of these).
 pub const BACKGROUND_PIECE: usize = 128 << 10;
 
 thread_local! {
     static BACKGROUND: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Marks the calling thread as background work: its writes go in pieces and do not queue
-/// behind guest writes at any [`WriteGate`].
+/// Marks the calling thread as background work: at any [`WriteGate`], its writes go in pieces,
+/// take turns with other background writes and do not queue behind guest writes.
 pub fn mark_background_thread() {
     BACKGROUND.with(|background| background.set(true));
 }
@@ -40,26 +47,34 @@ fn is_background_thread() -> bool {
 /// One file's gate; see the module documentation.
 #[derive(Debug, Default)]
 pub struct WriteGate {
+    /// Held by the guest write in the kernel.
     foreground: Mutex<()>,
+    /// Held by the background piece in the kernel.
+    background: Mutex<()>,
 }
 
 impl WriteGate {
     /// Runs `write(offset, bytes)` for `data` at `offset`: in one call, alone among foreground
-    /// writes, for a foreground thread; in [`BACKGROUND_PIECE`]s, without waiting, for a
-    /// background one.
+    /// writes, for a foreground thread; in [`BACKGROUND_PIECE`]s, each alone among background
+    /// writes, for a background one.
     pub fn write<E>(
         &self,
         offset: u64,
         data: &[u8],
         mut write: impl FnMut(u64, &[u8]) -> Result<(), E>,
     ) -> Result<(), E> {
+        // Nothing is left half-updated under these locks: a panic in `write` does not matter.
         if is_background_thread() {
             for (index, piece) in data.chunks(BACKGROUND_PIECE).enumerate() {
+                // Released between pieces, so that background writers take turns.
+                let _alone = self
+                    .background
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 write(offset + (index * BACKGROUND_PIECE) as u64, piece)?;
             }
             return Ok(());
         }
-        // Nothing is left half-updated under this lock: a panic in `write` does not matter.
         let _alone = self
             .foreground
             .lock()
@@ -75,12 +90,16 @@ mod tests {
     use std::sync::{mpsc, Arc};
     use std::thread;
 
-    /// Holds the gate with a foreground write until the returned sender is dropped.
-    fn hold(gate: &Arc<WriteGate>) -> (mpsc::Sender<()>, thread::JoinHandle<()>) {
+    /// Holds the gate with a write (a background one if `background`) until the returned sender
+    /// is dropped.
+    fn hold(gate: &Arc<WriteGate>, background: bool) -> (mpsc::Sender<()>, thread::JoinHandle<()>) {
         let (release, released) = mpsc::channel::<()>();
         let (entered, is_entered) = mpsc::channel();
         let gate = Arc::clone(gate);
         let holder = thread::spawn(move || {
+            if background {
+                mark_background_thread();
+            }
             gate.write(0, &[0u8; 1], |_, _| {
                 entered.send(()).map_err(|_| ())?;
                 let _ = released.recv();
@@ -134,25 +153,36 @@ mod tests {
         assert_eq!(foreground, [(0, len)]);
     }
 
-    #[test]
-    fn a_foreground_write_waits_for_the_one_in_the_kernel_and_a_background_one_does_not() {
+    /// With a write of one kind in the kernel, a write of the other kind goes through and one
+    /// of the same kind waits for it.
+    fn a_write_waits_only_for_its_own_kind(holder_is_background: bool) {
         let gate = Arc::new(WriteGate::default());
-        let (release, holder) = hold(&gate);
-        let background_done = Arc::new(AtomicBool::new(false));
-        let background = write_from_thread(&gate, true, 10, Arc::clone(&background_done));
-        background.join().unwrap();
-        assert!(background_done.load(Ordering::SeqCst));
+        let (release, holder) = hold(&gate, holder_is_background);
+        let other_done = Arc::new(AtomicBool::new(false));
+        let other = write_from_thread(&gate, !holder_is_background, 10, Arc::clone(&other_done));
+        other.join().unwrap();
+        assert!(other_done.load(Ordering::SeqCst));
 
-        let foreground_done = Arc::new(AtomicBool::new(false));
-        let foreground = write_from_thread(&gate, false, 10, Arc::clone(&foreground_done));
+        let same_done = Arc::new(AtomicBool::new(false));
+        let same = write_from_thread(&gate, holder_is_background, 10, Arc::clone(&same_done));
         // It cannot finish while the holder is in; give it every chance to (wrongly) do so.
         for _ in 0..1000 {
             thread::yield_now();
         }
-        assert!(!foreground_done.load(Ordering::SeqCst));
+        assert!(!same_done.load(Ordering::SeqCst));
         drop(release);
         holder.join().unwrap();
-        assert_eq!(foreground.join().unwrap(), [(0, 10)]);
+        assert_eq!(same.join().unwrap(), [(0, 10)]);
+    }
+
+    #[test]
+    fn a_foreground_write_waits_for_the_one_in_the_kernel_and_a_background_one_does_not() {
+        a_write_waits_only_for_its_own_kind(false);
+    }
+
+    #[test]
+    fn a_background_piece_waits_for_the_one_in_the_kernel_and_a_foreground_write_does_not() {
+        a_write_waits_only_for_its_own_kind(true);
     }
 
     #[test]
