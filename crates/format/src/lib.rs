@@ -5,6 +5,7 @@
 //! and the block layer decides what lies below. This keeps qcow2, QED and raw small and lets the
 //! stream job ask the one question it needs: "which ranges does this layer not define yet?".
 
+pub mod background_writer;
 pub mod error;
 pub mod probe;
 pub mod qcow2;

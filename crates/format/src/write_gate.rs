@@ -8,8 +8,9 @@
 //! NBD client needed. So:
 //! - guest writes wait for each other here, asleep;
 //! - background writes (from a thread marked by [`mark_background_thread`], such as a stream's
-//!   copy threads) enter the kernel in [`BACKGROUND_PIECE`]s and wait for each other here,
-//!   asleep, a piece at a time;
+//!   copy threads) are made by the [background writer](crate::background_writer), at normal
+//!   CPU priority, in [`BACKGROUND_PIECE`]s; they wait for each other here, asleep, a piece at
+//!   a time;
 //! - a guest write never queues behind background ones here: at most one of each kind is in
 //!   the kernel, so a guest write waits there for at most one piece.
 //!
@@ -23,6 +24,7 @@
 //! 0.73x QSD's time against 1.05x, guest p99 0.84x/0.90x against 1.08x/1.24x, guest IOPS 1.45x
 //! against 1.30x (bench/results/serve-2026-11-27-background-turns.md).
 
+use crate::background_writer;
 use std::cell::Cell;
 use std::sync::{Mutex, PoisonError};
 
@@ -34,9 +36,12 @@ thread_local! {
     static BACKGROUND: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Marks the calling thread as background work: at any [`WriteGate`], its writes go in pieces,
-/// take turns with other background writes and do not queue behind guest writes.
+/// Marks the calling thread as background work: at any [`WriteGate`], its writes are made by
+/// the background writer, in pieces, take turns with other background writes and do not queue
+/// behind guest writes. Starts the writer, which takes the caller's CPU priority: call this
+/// before lowering it.
 pub fn mark_background_thread() {
+    crate::background_writer::start();
     BACKGROUND.with(|background| background.set(true));
 }
 
@@ -57,23 +62,30 @@ impl WriteGate {
     /// Runs `write(offset, bytes)` for `data` at `offset`: in one call, alone among foreground
     /// writes, for a foreground thread; in [`BACKGROUND_PIECE`]s, each alone among background
     /// writes, for a background one.
-    pub fn write<E>(
+    pub fn write<E: Send>(
         &self,
         offset: u64,
         data: &[u8],
-        mut write: impl FnMut(u64, &[u8]) -> Result<(), E>,
+        mut write: impl FnMut(u64, &[u8]) -> Result<(), E> + Send,
     ) -> Result<(), E> {
         // Nothing is left half-updated under these locks: a panic in `write` does not matter.
         if is_background_thread() {
-            for (index, piece) in data.chunks(BACKGROUND_PIECE).enumerate() {
-                // Released between pieces, so that background writers take turns.
-                let _alone = self
-                    .background
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                write(offset + (index * BACKGROUND_PIECE) as u64, piece)?;
-            }
-            return Ok(());
+            let mut outcome = Ok(());
+            background_writer::run_on_writer(|| {
+                for (index, piece) in data.chunks(BACKGROUND_PIECE).enumerate() {
+                    // Released between pieces, so that background writers take turns (where
+                    // the writer could not start and each makes its own writes).
+                    let _alone = self
+                        .background
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    outcome = write(offset + (index * BACKGROUND_PIECE) as u64, piece);
+                    if outcome.is_err() {
+                        break;
+                    }
+                }
+            });
+            return outcome;
         }
         let _alone = self
             .foreground
@@ -100,7 +112,7 @@ mod tests {
             if background {
                 mark_background_thread();
             }
-            gate.write(0, &[0u8; 1], |_, _| {
+            gate.write(0, &[0u8; 1], move |_, _| {
                 entered.send(()).map_err(|_| ())?;
                 let _ = released.recv();
                 Ok::<(), ()>(())
@@ -183,6 +195,51 @@ mod tests {
     #[test]
     fn a_background_piece_waits_for_the_one_in_the_kernel_and_a_foreground_write_does_not() {
         a_write_waits_only_for_its_own_kind(true);
+    }
+
+    #[test]
+    fn background_writes_are_made_by_the_writer_at_the_priority_the_thread_had() {
+        let gate = Arc::new(WriteGate::default());
+        let gate_in_thread = Arc::clone(&gate);
+        let (own_nice, writer_nice, on_writer) = thread::spawn(move || {
+            // SAFETY: plain syscalls on the calling thread (`who = 0`).
+            let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+            let before = nice();
+            mark_background_thread();
+            // SAFETY: as above; raising one's own nice needs no privilege.
+            assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) }, 0);
+            let mut seen = (before, None, false);
+            gate_in_thread
+                .write(0, &[1u8; 10], |_, _| {
+                    seen.1 = Some(nice());
+                    seen.2 = background_writer::on_writer_thread();
+                    Ok::<(), ()>(())
+                })
+                .expect("write");
+            seen
+        })
+        .join()
+        .unwrap();
+        assert!(on_writer, "made by the writer thread");
+        assert_ne!(
+            own_nice, 19,
+            "the test must start below nice 19 to show anything"
+        );
+        assert_eq!(
+            writer_nice,
+            Some(own_nice),
+            "at the priority the thread had"
+        );
+        let mut foreground_on_writer = true;
+        gate.write(0, &[1u8; 10], |_, _| {
+            foreground_on_writer = background_writer::on_writer_thread();
+            Ok::<(), ()>(())
+        })
+        .expect("write");
+        assert!(
+            !foreground_on_writer,
+            "guest writes are made by their own thread"
+        );
     }
 
     #[test]
