@@ -21,6 +21,7 @@
 //! first.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::OnceLock;
@@ -52,7 +53,12 @@ pub fn start() {
     });
 }
 
+thread_local! {
+    static IS_WRITER: Cell<bool> = const { Cell::new(false) };
+}
+
 fn run(queue: Receiver<Job>) {
+    IS_WRITER.with(|is_writer| is_writer.set(true));
     for Job { task, done } in queue {
         let outcome = panic::catch_unwind(AssertUnwindSafe(task));
         // The caller waits on this; it cannot have gone away.
@@ -61,11 +67,15 @@ fn run(queue: Receiver<Job>) {
 }
 
 /// Runs `task` on the writer thread and returns once it has run there; a panic in it resumes
-/// here. Runs it on the calling thread if the writer was not started.
+/// here. Runs it on the calling thread if the writer was not started, or is the caller (it
+/// would wait for itself).
 pub fn run_on_writer(task: impl FnOnce() + Send) {
     let Some(Some(jobs)) = writer().get() else {
         return task();
     };
+    if on_writer_thread() {
+        return task();
+    }
     let mut slot = Some(task);
     let slot_ref = &mut slot;
     let borrowed: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
@@ -100,9 +110,8 @@ pub fn run_on_writer(task: impl FnOnce() + Send) {
 }
 
 /// Whether the calling thread is the writer.
-#[cfg(test)]
-pub(crate) fn on_writer_thread() -> bool {
-    std::thread::current().name() == Some("imgstream-writer")
+pub fn on_writer_thread() -> bool {
+    IS_WRITER.with(Cell::get)
 }
 
 #[cfg(test)]
@@ -115,6 +124,14 @@ mod tests {
         let mut seen = Vec::new();
         run_on_writer(|| seen.push(on_writer_thread()));
         assert_eq!(seen, [true]);
+    }
+
+    #[test]
+    fn a_task_handed_over_on_the_writer_runs_there_at_once_instead_of_waiting_for_itself() {
+        start();
+        let mut inner = None;
+        run_on_writer(|| run_on_writer(|| inner = Some(on_writer_thread())));
+        assert_eq!(inner, Some(true));
     }
 
     #[test]
