@@ -331,6 +331,11 @@ def main():
                              check=True, capture_output=True, text=True).stdout
     to_copy = sum(e["length"] for e in json.loads(map_out) if e["depth"] > 0 and e["present"])
     phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio stream+fio-rate fio-idle").split()
+    # One discarded run of each daemon first: the first run of a series has come out 2-3x
+    # slower than the rest, whoever ran it (bench/results/serve-2026-11-27-background-turns.md).
+    print("warm-up (discarded)", flush=True)
+    for kind in ("imgstream", "qsd"):
+        one_run(kind, binary, workdir, expected, phases[0], "warm-up")
     results = {}
     for phase in phases:
         for run in range(RUNS):
@@ -354,7 +359,7 @@ def main():
              f"nbd engine, one connection, randrw 4k, rwmixread=70, iodepth=16, confined to the second half of the disk; "
              f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED; stream+fio-rate is the same with fio held to {FIO_RATE_IOPS} IOPS (--rate_iops, 70/30). "
              f"until durable = stream wall + an fsync of the top file issued at BLOCK_JOB_COMPLETED (imgstream flushes before that event, QSD does not). "
-             f"Medians of {RUNS} runs (min–max), each on a fresh copy of the chain. "
+             f"Medians of {RUNS} runs (min–max), each on a fresh copy of the chain, after one discarded run of each daemon. "
              f"verify = qemu-img check clean, no backing file after a stream, first half byte-equal to the original chain.",
              "",
              "| daemon | phase | " + " | ".join(c[0] for c in cols) + " | verify |",
