@@ -34,14 +34,11 @@ struct Job {
 }
 
 /// The writer's queue, or `None` if its thread could not start.
-fn writer() -> &'static OnceLock<Option<Sender<Job>>> {
-    static WRITER: OnceLock<Option<Sender<Job>>> = OnceLock::new();
-    &WRITER
-}
+static WRITER: OnceLock<Option<Sender<Job>>> = OnceLock::new();
 
 /// Starts the writer thread if it is not running, at the calling thread's CPU priority.
 pub fn start() {
-    writer().get_or_init(|| {
+    WRITER.get_or_init(|| {
         let (jobs, queue) = mpsc::channel();
         std::thread::Builder::new()
             .name("imgstream-writer".into())
@@ -70,7 +67,7 @@ fn run(queue: Receiver<Job>) {
 /// here. Runs it on the calling thread if the writer was not started, or is the caller (it
 /// would wait for itself).
 pub fn run_on_writer(task: impl FnOnce() + Send) {
-    let Some(Some(jobs)) = writer().get() else {
+    let Some(Some(jobs)) = WRITER.get() else {
         return task();
     };
     if on_writer_thread() {
@@ -110,7 +107,7 @@ pub fn run_on_writer(task: impl FnOnce() + Send) {
 }
 
 /// Whether the calling thread is the writer.
-pub fn on_writer_thread() -> bool {
+pub(crate) fn on_writer_thread() -> bool {
     IS_WRITER.with(Cell::get)
 }
 

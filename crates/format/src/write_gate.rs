@@ -41,7 +41,7 @@ thread_local! {
 /// behind guest writes. Starts the writer, which takes the caller's CPU priority: call this
 /// before lowering it.
 pub fn mark_background_thread() {
-    crate::background_writer::start();
+    background_writer::start();
     BACKGROUND.with(|background| background.set(true));
 }
 
