@@ -72,18 +72,18 @@ impl WriteGate {
         if is_background_thread() {
             let mut outcome = Ok(());
             background_writer::run_on_writer(|| {
-                for (index, piece) in data.chunks(BACKGROUND_PIECE).enumerate() {
-                    // Released between pieces, so that background writers take turns (where
-                    // the writer could not start and each makes its own writes).
-                    let _alone = self
-                        .background
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    outcome = write(offset + (index * BACKGROUND_PIECE) as u64, piece);
-                    if outcome.is_err() {
-                        break;
-                    }
-                }
+                outcome =
+                    data.chunks(BACKGROUND_PIECE)
+                        .enumerate()
+                        .try_for_each(|(index, piece)| {
+                            // Released between pieces, so that background writers take turns
+                            // (where the writer could not start and each makes its own writes).
+                            let _alone = self
+                                .background
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner);
+                            write(offset + (index * BACKGROUND_PIECE) as u64, piece)
+                        });
             });
             return outcome;
         }
