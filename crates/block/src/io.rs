@@ -3,7 +3,7 @@
 
 use crate::chain::Layer;
 use crate::{Disk, Error, Result};
-use imgstream_format::Mapping;
+use imgstream_format::{Mapping, Writeback};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -290,7 +290,7 @@ impl Disk {
 
     /// Writes back `[offset, offset + len)` of the top's file (see
     /// [`Storage::write_back`](imgstream_format::Storage::write_back)).
-    pub fn write_back(&self, offset: u64, len: u64, wait: bool) -> Result<()> {
+    pub fn write_back(&self, offset: u64, len: u64, step: Writeback) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
@@ -298,7 +298,7 @@ impl Disk {
         top_of(&layers)?
             .image
             .storage()
-            .write_back(offset, len, wait)
+            .write_back(offset, len, step)
     }
 
     /// The length of the top's file: where its next new clusters go.

@@ -14,6 +14,7 @@ pub use chain::{ChainOptions, Layer, MAX_CHAIN_DEPTH};
 pub use copy_pool::become_background_thread;
 pub use imgstream_format::{
     BackingRef, CheckReport, Error, ErrorKind, FormatKind, FormatSpecific, RepairMode, Result,
+    Writeback,
 };
 pub use populate::PopulateOutcome;
 pub use status::Status;

@@ -16,7 +16,7 @@ pub mod storage;
 pub mod write_gate;
 
 pub use error::{Error, ErrorKind, Result};
-pub use storage::{FileStorage, LockMode, Storage};
+pub use storage::{FileStorage, LockMode, Storage, Writeback};
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 use crate::error_policy::{ErrorAction, OnError};
 use crate::job::{JobControl, JobError, JobWork};
 use crate::writeback_pacer::{WindowClosed, WritebackPacer};
-use imgstream_block::{BackingRef, Disk};
+use imgstream_block::{BackingRef, Disk, Writeback};
 use std::sync::Arc;
 
 /// Bytes copied per step under a speed limit (QEMU's STREAM_BUFFER_SIZE is 512 KiB): the
@@ -61,12 +61,12 @@ fn write_back(disk: &Disk, closed: WindowClosed) {
     let (offset, len) = closed.start;
     // A length of 0 would mean "to the end of the file": an empty window has nothing to do.
     if len > 0 {
-        if let Err(error) = disk.write_back(offset, len, false) {
+        if let Err(error) = disk.write_back(offset, len, Writeback::Start) {
             tracing::debug!("writeback of {len} bytes at {offset} not started: {error}");
         }
     }
     if let Some((offset, len)) = closed.wait.filter(|&(_, len)| len > 0) {
-        if let Err(error) = disk.write_back(offset, len, true) {
+        if let Err(error) = disk.write_back(offset, len, Writeback::AwaitStarted) {
             tracing::debug!("writeback of {len} bytes at {offset} not waited for: {error}");
         }
     }

@@ -3,19 +3,25 @@
 //!
 //! A stream's new clusters go to the end of the top's file, so what it wrote since the last
 //! window closed is the file's tail. When a window closes, the job starts that tail's
-//! writeback and waits for the oldest window still in flight. When the device keeps up the
-//! wait finds nothing to do (a stream with no guest I/O took the same time); when it does not,
-//! the job copies at the device's pace instead of filling the page cache and then waiting for
-//! all of it in the flush before the header rewrite. That flush made the end of a stream
-//! under guest load a long writeback the guest competed with. With fio saturating the guest's
-//! disk during the stream (bench/serve.py stream+fio, three runs of 5, medians of per-run ratios
-//! to QSD), pacing took the guest's p99 from 1.16-1.50x QSD's to 0.75-0.91x and its IOPS from
-//! 1.07x to 1.34-1.41x, and the stream from 0.51-0.61x QSD's time to 0.78-0.97x. The price is
-//! stream time: at a guest load both daemons sustain (stream+fio-rate) the paced stream took
-//! about QSD's time, the unpaced one about 0.8x, with the same guest p99. The guest comes first.
-//! Windows of 32 MiB with one in flight gave 0.72x QSD's p99 but 1.08x its stream time; the
-//! chosen 128 MiB and two keep the stream's copies at most 384 MiB ahead of the device
+//! writeback and waits for the writeback already started of the oldest window still in
+//! flight. When the device keeps up the wait finds nothing to do (a stream with no guest I/O
+//! took the same time); when it does not, the job copies at the device's pace instead of
+//! filling the page cache and then waiting for all of it in the flush before the header
+//! rewrite. That flush made the end of a stream under guest load a long writeback the guest
+//! competed with. With fio saturating the guest's disk during the stream (bench/serve.py
+//! stream+fio, three runs of 5, medians of per-run ratios to QSD), pacing took the guest's p99
+//! from 1.16-1.50x QSD's to 0.75-0.91x and its IOPS from 1.07x to 1.34-1.41x. Windows of
+//! 32 MiB with one in flight gave 0.72x QSD's p99 but 1.08x its stream time; the chosen
+//! 128 MiB and two keep the stream's copies at most 384 MiB ahead of the device
 //! (bench/results/serve-2026-11-27-tail.md).
+//!
+//! The wait sends nothing again. Guest writes keep dirtying the clusters they allocated among
+//! the stream's, and a wait that wrote the window again (Linux's data-integrity writeback)
+//! waited for those too: 0.38-0.76 s of a 1.3-1.7 s stream under fio. Waiting only for what was
+//! started (6 runs interleaved with QSD, medians of per-run ratios): stream+fio 0.78x QSD's
+//! stream time against 0.91x, stream+fio-rate 0.84x against 1.16x, guest p99 0.93-0.98x
+//! against 0.77-0.91x. Not waiting at all took the stream to 0.80x but the guest's p99 to
+//! 1.14-1.18x (bench/results/serve-2026-11-27-await-started.md).
 
 /// Bytes the job copies between two writeback calls.
 pub const WRITEBACK_WINDOW: u64 = 128 << 20;
