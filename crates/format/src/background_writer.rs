@@ -1,5 +1,6 @@
-//! The background writer: one thread, at normal CPU priority, that makes the file writes of
-//! background threads (a stream's copy threads, at the lowest priority) for them.
+//! Background writers: for each file that background threads (a stream's copy threads, at the
+//! lowest CPU priority) write to, one thread at normal priority that makes those writes for
+//! them.
 //!
 //! A buffered write holds the file's inode lock in the kernel, and a guest write to the same
 //! file waits for it. Made by a thread at nice 19, that write was a priority inversion: under
@@ -12,13 +13,17 @@
 //! 0.75x/0.77x QSD's against 0.84x/0.90x, guest IOPS 1.54x against 1.37x, stream time the same
 //! (0.89x) (bench/results/serve-2026-11-27-background-turns.md).
 //!
-//! One thread serves the whole process, so the background writes of two images (two streams)
-//! take turns too; each file's writes were serialised by its inode lock anyway.
+//! A writer per file, not one for the process: each file's writes are serialised by its inode
+//! lock anyway, and two streams into two images then copy into the page cache at once. With
+//! one writer for the process, two streams started together in one daemon took 3.74 s to both
+//! events against 2.81 s with each copy thread writing for itself (QSD: 4.31-4.48 s)
+//! (bench/results/serve-2026-11-27-writer-per-file.md).
 //!
-//! The thread inherits the CPU priority of the thread that starts it, and an unprivileged
-//! process cannot raise a priority once lowered, so [`start`] must run before the caller lowers
-//! its own: [`mark_background_thread`](crate::write_gate::mark_background_thread) calls it
-//! first.
+//! A thread inherits the CPU priority of the thread that creates it, and an unprivileged
+//! process cannot raise a priority once lowered. So writers are created by the launcher, one
+//! process-wide thread that [`start`] creates at the caller's priority:
+//! [`mark_background_thread`](crate::write_gate::mark_background_thread) calls it before the
+//! caller lowers its own.
 
 use std::any::Any;
 use std::cell::Cell;
@@ -26,28 +31,63 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::OnceLock;
 
-/// A write handed to the writer. Fields drop in order: the task (and what it borrows) before
+/// A task handed to a thread. Fields drop in order: the task (and what it borrows) before
 /// `done`, whose closing tells the caller that the task is gone.
 struct Job {
     task: Box<dyn FnOnce() + Send + 'static>,
     done: SyncSender<Result<(), Box<dyn Any + Send>>>,
 }
 
-/// The writer's queue, or `None` if its thread could not start.
-static WRITER: OnceLock<Option<Sender<Job>>> = OnceLock::new();
+/// The launcher's queue, or `None` if its thread could not start.
+static LAUNCHER: OnceLock<Option<Sender<Job>>> = OnceLock::new();
 
-/// Starts the writer thread if it is not running, at the calling thread's CPU priority.
+/// Starts the launcher if it is not running, at the calling thread's CPU priority.
 pub fn start() {
-    WRITER.get_or_init(|| {
-        let (jobs, queue) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("imgstream-writer".into())
-            .spawn(move || run(queue))
-            // Without the writer, background threads write for themselves: correct, only
+    LAUNCHER.get_or_init(|| spawn("imgstream-launcher"));
+}
+
+/// One file's writer: its thread starts at the first [`run`](Self::run) and ends when this is
+/// dropped.
+#[derive(Debug, Default)]
+pub struct BackgroundWriter {
+    /// The thread's queue, or `None` if it could not start (or the launcher could not).
+    queue: OnceLock<Option<Sender<Job>>>,
+}
+
+impl BackgroundWriter {
+    /// Runs `task` on this writer's thread and returns once it has run there; a panic in it
+    /// resumes here. Runs it on the calling thread if there is no writer thread, or if the
+    /// caller is a writer (it might wait for itself).
+    pub fn run(&self, task: impl FnOnce() + Send) {
+        if on_writer_thread() {
+            return task();
+        }
+        let queue = self.queue.get_or_init(|| {
+            // Without the launcher, background threads write for themselves: correct, only
             // worse for the guest's latency.
-            .ok()
-            .map(|_| jobs)
-    });
+            let Some(Some(launcher)) = LAUNCHER.get() else {
+                return None;
+            };
+            // Created by the launcher, so at its priority rather than the caller's.
+            let mut queue = None;
+            hand_over(launcher, || queue = spawn("imgstream-writer"));
+            queue
+        });
+        match queue {
+            Some(queue) => hand_over(queue, task),
+            None => task(),
+        }
+    }
+}
+
+/// Starts a thread that runs the jobs sent on the returned queue until it is dropped.
+fn spawn(name: &str) -> Option<Sender<Job>> {
+    let (jobs, queue) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || run(queue))
+        .ok()
+        .map(|_| jobs)
 }
 
 thread_local! {
@@ -63,16 +103,9 @@ fn run(queue: Receiver<Job>) {
     }
 }
 
-/// Runs `task` on the writer thread and returns once it has run there; a panic in it resumes
-/// here. Runs it on the calling thread if the writer was not started, or is the caller (it
-/// would wait for itself).
-pub fn run_on_writer(task: impl FnOnce() + Send) {
-    let Some(Some(jobs)) = WRITER.get() else {
-        return task();
-    };
-    if on_writer_thread() {
-        return task();
-    }
+/// Runs `task` on the thread behind `queue` and returns once it has run there; a panic in it
+/// resumes here. Runs it here if that thread is gone.
+fn hand_over(queue: &Sender<Job>, task: impl FnOnce() + Send) {
     let mut slot = Some(task);
     let slot_ref = &mut slot;
     let borrowed: Box<dyn FnOnce() + Send + '_> = Box::new(move || {
@@ -81,13 +114,13 @@ pub fn run_on_writer(task: impl FnOnce() + Send) {
         }
     });
     // SAFETY: the boxed task borrows `slot` (and `task` may borrow more). It is made 'static only
-    // to cross the channel; this function does not return while the box exists. The writer
+    // to cross the channel; this function does not return while the box exists. The thread
     // drops the box before it sends on `done`; if the job is dropped unrun instead, its box
     // drops before `done` (field order), and `recv` below fails only once `done` is dropped.
     // If `send` fails the job comes back here and is dropped before `slot` is used again.
     let task: Box<dyn FnOnce() + Send + 'static> = unsafe { std::mem::transmute(borrowed) };
     let (done, is_done) = mpsc::sync_channel(1);
-    let outcome = match jobs.send(Job { task, done }) {
+    let outcome = match queue.send(Job { task, done }) {
         Ok(()) => is_done.recv().ok(),
         Err(unsent) => {
             drop(unsent);
@@ -97,7 +130,7 @@ pub fn run_on_writer(task: impl FnOnce() + Send) {
     match outcome {
         Some(Ok(())) => {}
         Some(Err(panic)) => panic::resume_unwind(panic),
-        // Never ran (the writer is gone): run it here.
+        // Never ran (the thread is gone): run it here.
         None => {
             if let Some(task) = slot.take() {
                 task()
@@ -106,7 +139,7 @@ pub fn run_on_writer(task: impl FnOnce() + Send) {
     }
 }
 
-/// Whether the calling thread is the writer.
+/// Whether the calling thread is a writer (or the launcher).
 pub(crate) fn on_writer_thread() -> bool {
     IS_WRITER.with(Cell::get)
 }
@@ -114,31 +147,65 @@ pub(crate) fn on_writer_thread() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_task_runs_on_the_writer_and_its_borrows_come_back() {
         start();
+        let writer = BackgroundWriter::default();
         let mut seen = Vec::new();
-        run_on_writer(|| seen.push(on_writer_thread()));
+        writer.run(|| seen.push(on_writer_thread()));
         assert_eq!(seen, [true]);
     }
 
     #[test]
-    fn a_task_handed_over_on_the_writer_runs_there_at_once_instead_of_waiting_for_itself() {
+    fn a_task_handed_over_on_a_writer_runs_there_at_once_instead_of_waiting_for_itself() {
         start();
-        let mut inner = None;
-        run_on_writer(|| run_on_writer(|| inner = Some(on_writer_thread())));
-        assert_eq!(inner, Some(true));
+        let (writer, other) = (BackgroundWriter::default(), BackgroundWriter::default());
+        let mut inner = Vec::new();
+        writer.run(|| {
+            writer.run(|| inner.push(on_writer_thread()));
+            other.run(|| inner.push(on_writer_thread()));
+        });
+        assert_eq!(inner, [true, true]);
     }
 
     #[test]
     fn a_panic_on_the_writer_resumes_in_the_caller_and_the_writer_goes_on() {
         start();
-        let caught = panic::catch_unwind(|| run_on_writer(|| panic!("disk on fire")));
+        let writer = BackgroundWriter::default();
+        let caught = panic::catch_unwind(|| writer.run(|| panic!("disk on fire")));
         let message = caught.expect_err("the panic came back");
         assert_eq!(message.downcast_ref::<&str>(), Some(&"disk on fire"));
         let mut ran = false;
-        run_on_writer(|| ran = true);
+        writer.run(|| ran = true);
         assert!(ran, "the writer survived the panic");
+    }
+
+    #[test]
+    fn two_files_writers_run_at_the_same_time() {
+        start();
+        let (first, second) = (BackgroundWriter::default(), BackgroundWriter::default());
+        let (started, first_started) = mpsc::channel();
+        let (send, receive) = mpsc::channel();
+        std::thread::scope(|scope| {
+            // The first writer's task waits for the second's: one thread for both would never
+            // get to the second (the timeout only keeps that failure from hanging the suite).
+            let waiting = scope.spawn(move || {
+                let mut received = None;
+                let slot = &mut received;
+                first.run(move || {
+                    started.send(()).expect("started");
+                    *slot = receive.recv_timeout(Duration::from_secs(60)).ok();
+                });
+                received
+            });
+            first_started.recv().expect("the first task started");
+            second.run(|| send.send("from the second writer").expect("send"));
+            assert_eq!(
+                waiting.join().expect("the first writer's caller"),
+                Some("from the second writer")
+            );
+        });
     }
 }

@@ -8,9 +8,8 @@
 //! NBD client needed. So:
 //! - guest writes wait for each other here, asleep;
 //! - background writes (from a thread marked by [`mark_background_thread`], such as a stream's
-//!   copy threads) are made by the [background writer](crate::background_writer), at normal
-//!   CPU priority, in [`BACKGROUND_PIECE`]s; they wait for each other here, asleep, a piece at
-//!   a time;
+//!   copy threads) are made by the file's [background writer](crate::background_writer), at
+//!   normal CPU priority, in [`BACKGROUND_PIECE`]s; they wait for each other there, asleep;
 //! - a guest write never queues behind background ones here: at most one of each kind is in
 //!   the kernel, so a guest write waits there for at most one piece.
 //!
@@ -24,7 +23,7 @@
 //! 0.73x QSD's time against 1.05x, guest p99 0.84x/0.90x against 1.08x/1.24x, guest IOPS 1.45x
 //! against 1.30x (bench/results/serve-2026-11-27-background-turns.md).
 
-use crate::background_writer;
+use crate::background_writer::{self, BackgroundWriter};
 use std::cell::Cell;
 use std::sync::{Mutex, PoisonError};
 
@@ -37,9 +36,9 @@ thread_local! {
 }
 
 /// Marks the calling thread as background work: at any [`WriteGate`], its writes are made by
-/// the background writer, in pieces, take turns with other background writes and do not queue
-/// behind guest writes. Starts the writer, which takes the caller's CPU priority: call this
-/// before lowering it.
+/// the file's background writer, in pieces, take turns with other background writes and do not
+/// queue behind guest writes. Starts the writers' launcher, which takes the caller's CPU
+/// priority and gives it to every writer: call this before lowering it.
 pub fn mark_background_thread() {
     background_writer::start();
     BACKGROUND.with(|background| background.set(true));
@@ -56,6 +55,8 @@ pub struct WriteGate {
     foreground: Mutex<()>,
     /// Held by the background piece in the kernel.
     background: Mutex<()>,
+    /// Makes the background writes.
+    writer: BackgroundWriter,
 }
 
 impl WriteGate {
@@ -71,7 +72,7 @@ impl WriteGate {
         // Nothing is left half-updated under these locks: a panic in `write` does not matter.
         if is_background_thread() {
             let mut outcome = Ok(());
-            background_writer::run_on_writer(|| {
+            self.writer.run(|| {
                 outcome =
                     data.chunks(BACKGROUND_PIECE)
                         .enumerate()
