@@ -79,6 +79,20 @@ def fresh_copy(chain_dir, run_dir):
     sh("sync")
 
 
+def qsd_blockdev_args(dir, suffix=""):
+    """qemu-storage-daemon's --blockdev arguments for the chain in `dir`: qcow2 nodes base, mid
+    and top (each name followed by `suffix`) over file nodes with aio=threads."""
+    args, below = [], None
+    for name in ("base", "mid", "top"):
+        node = name + suffix
+        args += ["--blockdev", f"driver=file,filename={os.path.join(dir, name + '.qcow2')},"
+                               f"node-name={node}-file,aio=threads"]
+        backing = f",backing={below}" if below else ""
+        args += ["--blockdev", f"driver=qcow2,file={node}-file,node-name={node}{backing}"]
+        below = node
+    return args
+
+
 class Qmp:
     def __init__(self, path):
         self.sock = socket.socket(socket.AF_UNIX)
@@ -130,14 +144,7 @@ class Daemon:
             args = [binary, "serve", "--qmp", self.qmp_path, "--nbd", f"unix:{self.nbd_path}",
                     "--pid-file", pid_file, f"top={top}"]
         else:
-            args = ["qemu-storage-daemon"]
-            below = None
-            for name in ("base", "mid", "top"):
-                args += ["--blockdev", f"driver=file,filename={os.path.join(dir, name + '.qcow2')},"
-                                       f"node-name={name}-file,aio=threads"]
-                backing = f",backing={below}" if below else ""
-                args += ["--blockdev", f"driver=qcow2,file={name}-file,node-name={name}{backing}"]
-                below = name
+            args = ["qemu-storage-daemon"] + qsd_blockdev_args(dir)
             args += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd_path}",
                      "--export", "type=nbd,id=e,node-name=top,name=top,writable=on",
                      "--chardev", f"socket,path={self.qmp_path},server=on,wait=off,id=m",

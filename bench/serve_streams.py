@@ -24,22 +24,15 @@ STREAMS = int(os.environ.get("BENCH_STREAMS", 2))
 
 
 def start(kind, binary, chains, work):
-    """Starts a daemon whose nodes t0, t1, ... are the tops of `chains`; returns (process, Qmp)."""
+    """Starts a daemon whose nodes top0, top1, ... are the tops of `chains`; returns (process, Qmp)."""
     qmp, pid = os.path.join(work, "qmp.sock"), os.path.join(work, "pid")
     if kind == "imgstream":
         args = [binary, "serve", "--qmp", qmp, "--pid-file", pid]
-        args += [f"t{i}={os.path.join(chain, 'top.qcow2')}" for i, chain in enumerate(chains)]
+        args += [f"top{i}={os.path.join(chain, 'top.qcow2')}" for i, chain in enumerate(chains)]
     else:
         args = ["qemu-storage-daemon"]
         for i, chain in enumerate(chains):
-            below = None
-            for name in ("base", "mid", "top"):
-                node = f"t{i}" if name == "top" else f"{name}{i}"
-                args += ["--blockdev", f"driver=file,filename={os.path.join(chain, name + '.qcow2')},"
-                                       f"node-name={node}-file,aio=threads"]
-                backing = f",backing={below}" if below else ""
-                args += ["--blockdev", f"driver=qcow2,file={node}-file,node-name={node}{backing}"]
-                below = node
+            args += serve.qsd_blockdev_args(chain, str(i))
         args += ["--chardev", f"socket,path={qmp},server=on,wait=off,id=m", "--monitor", "chardev=m",
                  "--pidfile", pid]
     stderr = open(os.path.join(work, "daemon.stderr"), "w")
@@ -65,7 +58,7 @@ def one_run(kind, binary, chain_dir, expected, streams):
     try:
         began = time.monotonic()
         for i in range(streams):
-            qmp.execute("block-stream", device=f"t{i}", **{"job-id": f"s{i}"})
+            qmp.execute("block-stream", device=f"top{i}", **{"job-id": f"s{i}"})
         for _ in range(streams):
             event = qmp.wait_event({"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"})
             if event["event"] != "BLOCK_JOB_COMPLETED" or "error" in event["data"]:
