@@ -7,6 +7,7 @@ pub mod rate_limit;
 pub mod status;
 pub mod stream;
 pub mod writeback_pacer;
+pub mod writeback_starter;
 
 pub use error_policy::{ErrorAction, IoStatus, OnError};
 pub use job::{Job, JobControl, JobError, JobEvent, JobInfo, JobOptions, JobWork, VerbError};

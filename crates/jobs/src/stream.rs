@@ -5,7 +5,8 @@
 
 use crate::error_policy::{ErrorAction, OnError};
 use crate::job::{JobControl, JobError, JobWork};
-use crate::writeback_pacer::{WindowClosed, WritebackPacer};
+use crate::writeback_pacer::{FileRange, WindowClosed, WritebackPacer, WINDOWS_IN_FLIGHT};
+use crate::writeback_starter::WritebackStarter;
 use imgstream_block::{BackingRef, Disk, Writeback};
 use std::sync::Arc;
 
@@ -55,20 +56,29 @@ impl StreamJob {
     }
 }
 
-/// Starts and waits for writeback as the pacer asks. Errors are only logged: writeback is a
-/// hint, and the flush that makes the data durable reports the real problem.
-fn write_back(disk: &Disk, closed: WindowClosed) {
-    let (offset, len) = closed.start;
-    // A length of 0 would mean "to the end of the file": an empty window has nothing to do.
-    if len > 0 {
-        if let Err(error) = disk.write_back(offset, len, Writeback::Start) {
-            tracing::debug!("writeback of {len} bytes at {offset} not started: {error}");
-        }
-    }
+/// Starts and waits for writeback as the pacer asks. A wait failing is only logged: writeback
+/// is a hint, and the flush that makes the data durable reports the real problem.
+fn write_back(disk: &Disk, starter: &mut WritebackStarter, closed: WindowClosed) {
+    starter.start(closed.start);
     if let Some((offset, len)) = closed.wait.filter(|&(_, len)| len > 0) {
+        // The window waited for is the oldest in flight: its writeback must have been started
+        // for the wait to wait for anything.
+        starter.wait_until_started_all_but(WINDOWS_IN_FLIGHT);
         if let Err(error) = disk.write_back(offset, len, Writeback::AwaitStarted) {
             tracing::debug!("writeback of {len} bytes at {offset} not waited for: {error}");
         }
+    }
+}
+
+/// Starts the writeback of `(offset, len)` of the top's file. Errors are only logged, as
+/// above.
+fn start_writeback(disk: &Disk, (offset, len): FileRange) {
+    // A length of 0 would mean "to the end of the file": an empty window has nothing to do.
+    if len == 0 {
+        return;
+    }
+    if let Err(error) = disk.write_back(offset, len, Writeback::Start) {
+        tracing::debug!("writeback of {len} bytes at {offset} not started: {error}");
     }
 }
 
@@ -76,32 +86,16 @@ fn job_error(error: imgstream_block::Error) -> JobError {
     JobError::new(error.errno(), error.to_string())
 }
 
-impl JobWork for StreamJob {
-    fn job_type(&self) -> &'static str {
-        "stream"
-    }
-
-    fn total_bytes(&self) -> u64 {
-        if self.options.base_depth <= 1 {
-            // Nothing lies between the top and the base: QEMU reports len 0.
-            0
-        } else {
-            self.disk.size()
-        }
-    }
-
-    fn run(&mut self, control: &JobControl) -> Result<(), JobError> {
+impl StreamJob {
+    /// Copies what the top borrows from above the base, then flushes the top.
+    fn copy_and_flush(
+        &self,
+        control: &JobControl,
+        starter: &mut WritebackStarter,
+    ) -> Result<(), JobError> {
         let base_depth = self.options.base_depth;
-        if base_depth <= 1 {
-            // Nothing lies between the top and the base: QEMU reports len 0.
-            return Ok(());
-        }
         let disk = &self.disk;
         let len = disk.size();
-        // This thread copies too (its share of each step): background work, below the guest.
-        imgstream_block::become_background_thread();
-        // Guest reads now pull what they touch above the base, as QEMU's COR filter does.
-        disk.set_copy_on_read(base_depth);
         let mut first_error = None;
         let mut since_flush = 0;
         let mut pacer = WritebackPacer::new(disk.top_file_len().unwrap_or(0));
@@ -137,7 +131,7 @@ impl JobWork for StreamJob {
                     // Zero clusters write no data: only copied bytes fill a window.
                     let data = outcome.map_or(0, |o| o.copied);
                     if let Some(closed) = pacer.copied(data, || disk.top_file_len().ok()) {
-                        write_back(disk, closed);
+                        write_back(disk, starter, closed);
                     }
                     if since_flush >= self.options.flush_interval.max(1)
                         || (since_flush > 0 && last_flush.elapsed() >= FLUSH_PERIOD)
@@ -167,6 +161,39 @@ impl JobWork for StreamJob {
         disk.flush().map_err(job_error)?;
         // An ignored error still fails the job, and the header is left as it was.
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl JobWork for StreamJob {
+    fn job_type(&self) -> &'static str {
+        "stream"
+    }
+
+    fn total_bytes(&self) -> u64 {
+        if self.options.base_depth <= 1 {
+            // Nothing lies between the top and the base: QEMU reports len 0.
+            0
+        } else {
+            self.disk.size()
+        }
+    }
+
+    fn run(&mut self, control: &JobControl) -> Result<(), JobError> {
+        let base_depth = self.options.base_depth;
+        if base_depth <= 1 {
+            // Nothing lies between the top and the base: QEMU reports len 0.
+            return Ok(());
+        }
+        // This thread copies too (its share of each step): background work, below the guest.
+        imgstream_block::become_background_thread();
+        // Guest reads now pull what they touch above the base, as QEMU's COR filter does.
+        self.disk.set_copy_on_read(base_depth);
+        // The job copies on while a thread of its own starts each window's writeback.
+        let this = &*self;
+        let start = |range| start_writeback(&this.disk, range);
+        std::thread::scope(|scope| {
+            this.copy_and_flush(control, &mut WritebackStarter::new(scope, &start))
+        })
     }
 
     fn prepare(&mut self) -> Result<(), JobError> {
