@@ -2,9 +2,9 @@
 //! of [`WRITEBACK_WINDOW`] ahead of what the device has received.
 //!
 //! A stream's new clusters go to the end of the top's file, so what it wrote since the last
-//! window closed is the file's tail. When a window closes, the job starts that tail's
-//! writeback and waits for the writeback already started of the oldest window still in
-//! flight. When the device keeps up the wait finds nothing to do (a stream with no guest I/O
+//! window closed is the file's tail. When a window closes, the job has that tail's writeback
+//! started (by a thread of its own, [`crate::writeback_starter`]) and waits for the writeback
+//! already started of the oldest window still in flight. When the device keeps up the wait finds nothing to do (a stream with no guest I/O
 //! took the same time); when it does not, the job copies at the device's pace instead of
 //! filling the page cache and then waiting for all of it in the flush before the header
 //! rewrite. That flush made the end of a stream under guest load a long writeback the guest
