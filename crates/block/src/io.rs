@@ -301,6 +301,16 @@ impl Disk {
             .write_back(offset, len, step)
     }
 
+    /// Reserves `[offset, offset + len)` of the top's file for writes to come (see
+    /// [`Storage::reserve`](imgstream_format::Storage::reserve)); returns whether it did.
+    pub fn reserve_top(&self, offset: u64, len: u64) -> Result<bool> {
+        if !self.writable {
+            return Ok(false);
+        }
+        let layers = self.read_layers();
+        top_of(&layers)?.image.storage().reserve(offset, len)
+    }
+
     /// The length of the top's file: where its next new clusters go.
     pub fn top_file_len(&self) -> Result<u64> {
         let layers = self.read_layers();

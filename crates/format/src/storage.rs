@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// One step of [`Storage::write_back`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +45,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
     /// Truncates or extends.
     fn set_len(&self, len: u64) -> Result<()>;
+    /// Allocates `[offset, offset + len)` for writes to come, without changing the size or
+    /// what reads return, if the storage can; returns whether it did. Space reserved past the
+    /// end is given back when the storage is closed.
+    fn reserve(&self, _offset: u64, _len: u64) -> Result<bool> {
+        Ok(false)
+    }
     /// Deallocates a range so that it reads as zeroes, if the storage can; returns whether it did.
     fn punch_hole(&self, _offset: u64, _len: u64) -> Result<bool> {
         Ok(false)
@@ -63,6 +70,9 @@ pub struct FileStorage {
     file: File,
     path: PathBuf,
     writes: WriteGate,
+    /// Whether space was [reserved](Storage::reserve): then closing gives back what is
+    /// reserved past the end.
+    reserved: AtomicBool,
 }
 
 impl FileStorage {
@@ -86,6 +96,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writes: WriteGate::default(),
+            reserved: AtomicBool::new(false),
         })
     }
 
@@ -102,11 +113,26 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             writes: WriteGate::default(),
+            reserved: AtomicBool::new(false),
         })
     }
 
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+impl Drop for FileStorage {
+    /// Gives back the space reserved past the end: Linux frees a file's blocks past its end
+    /// when it is truncated to its own length. Nobody writes any more, so the length read here
+    /// is the final one. A failure only leaves the blocks allocated: nothing to report.
+    fn drop(&mut self) {
+        if self.reserved.load(Ordering::Relaxed) {
+            let _ = self
+                .file
+                .metadata()
+                .and_then(|meta| self.file.set_len(meta.len()));
+        }
     }
 }
 
@@ -187,6 +213,29 @@ impl Storage for FileStorage {
         self.file
             .set_len(len)
             .map_err(|e| Error::io(format!("Could not resize '{}'", self.path.display()), e))
+    }
+
+    fn reserve(&self, offset: u64, len: u64) -> Result<bool> {
+        let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Ok(false);
+        };
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by self.file.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        // Refused (not supported here, no space): writes allocate as they go, as without it,
+        // and a real lack of space shows up on them.
+        if rc != 0 {
+            return Ok(false);
+        }
+        self.reserved.store(true, Ordering::Relaxed);
+        Ok(true)
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<bool> {
@@ -445,6 +494,44 @@ mod tests {
             (0, 0),
             "after a start, awaiting returns once the whole range has reached the device"
         );
+    }
+
+    #[test]
+    fn reserved_space_past_the_end_is_allocated_invisible_and_given_back_at_close() {
+        use std::os::unix::fs::MetadataExt;
+        let allocated = |path: &Path| std::fs::metadata(path).expect("stat").blocks() * 512;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("file");
+        let storage = FileStorage::create(&path).expect("create");
+        let data = vec![0x5a; 64 << 10];
+        storage.write_at(0, &data).expect("write");
+        let reserve = 8 << 20;
+        assert!(
+            storage
+                .reserve(data.len() as u64, reserve)
+                .expect("reserve"),
+            "this test needs a filesystem with fallocate (ext4, XFS, tmpfs)"
+        );
+        assert!(allocated(&path) >= reserve, "the blocks are allocated");
+        assert_eq!(
+            storage.len().expect("len"),
+            data.len() as u64,
+            "the size is unchanged"
+        );
+        let mut back = vec![0; 2 * data.len()];
+        storage.read_at(0, &mut back).expect("read");
+        assert_eq!(&back[..data.len()], &data[..]);
+        assert!(
+            back[data.len()..].iter().all(|&b| b == 0),
+            "past the end reads zeroes"
+        );
+
+        drop(storage);
+        assert!(
+            allocated(&path) < reserve,
+            "closing gives back what was reserved past the end"
+        );
+        assert_eq!(std::fs::read(&path).expect("read back"), data);
     }
 
     #[test]

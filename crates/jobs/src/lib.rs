@@ -4,6 +4,7 @@
 pub mod error_policy;
 pub mod job;
 pub mod rate_limit;
+pub mod space_reservation;
 pub mod status;
 pub mod stream;
 pub mod writeback_pacer;

@@ -5,6 +5,7 @@
 
 use crate::error_policy::{ErrorAction, OnError};
 use crate::job::{JobControl, JobError, JobWork};
+use crate::space_reservation::{SpaceReservation, RESERVATION_CHUNK};
 use crate::writeback_pacer::{FileRange, WindowClosed, WritebackPacer, WINDOWS_IN_FLIGHT};
 use crate::writeback_starter::WritebackStarter;
 use imgstream_block::{BackingRef, Disk, Writeback};
@@ -82,6 +83,48 @@ fn start_writeback(disk: &Disk, (offset, len): FileRange) {
     }
 }
 
+/// Reserves the top's space for what is left to copy, as `reservation` decides, at a file
+/// length of `file_len`.
+fn reserve_space(
+    disk: &Disk,
+    reservation: &mut SpaceReservation,
+    file_len: u64,
+    base_depth: usize,
+) {
+    reservation.top_up(
+        file_len,
+        |from| count_to_copy(disk, from, base_depth),
+        |offset, len| {
+            disk.reserve_top(offset, len).unwrap_or_else(|error| {
+                tracing::debug!("no space reserved for the stream: {error}");
+                false
+            })
+        },
+    );
+}
+
+/// Bytes to copy from guest offset `from`, up to [`RESERVATION_CHUNK`], and where the count
+/// stopped. An error ends the count there: the reservation is only a hint, and the copy
+/// reports the error.
+fn count_to_copy(disk: &Disk, from: u64, base_depth: usize) -> (u64, u64) {
+    let len = disk.size();
+    let (mut pos, mut found) = (from, 0);
+    while pos < len && found < RESERVATION_CHUNK {
+        let Ok((needed, run)) = disk.copy_up_needed(pos, len - pos, base_depth) else {
+            return (found, len);
+        };
+        let run = if needed {
+            let run = run.min(RESERVATION_CHUNK - found);
+            found += run;
+            run
+        } else {
+            run
+        };
+        pos += run.max(1);
+    }
+    (found, pos.min(len))
+}
+
 fn job_error(error: imgstream_block::Error) -> JobError {
     JobError::new(error.errno(), error.to_string())
 }
@@ -98,7 +141,10 @@ impl StreamJob {
         let len = disk.size();
         let mut first_error = None;
         let mut since_flush = 0;
-        let mut pacer = WritebackPacer::new(disk.top_file_len().unwrap_or(0));
+        let file_len = disk.top_file_len().unwrap_or(0);
+        let mut reservation = SpaceReservation::new();
+        reserve_space(disk, &mut reservation, file_len, base_depth);
+        let mut pacer = WritebackPacer::new(file_len);
         let mut last_flush = std::time::Instant::now();
         let mut offset = 0;
         while offset < len {
@@ -132,6 +178,8 @@ impl StreamJob {
                     let data = outcome.map_or(0, |o| o.copied);
                     if let Some(closed) = pacer.copied(data, || disk.top_file_len().ok()) {
                         write_back(disk, starter, closed);
+                        let (start, len) = closed.start;
+                        reserve_space(disk, &mut reservation, start + len, base_depth);
                     }
                     if since_flush >= self.options.flush_interval.max(1)
                         || (since_flush > 0 && last_flush.elapsed() >= FLUSH_PERIOD)
