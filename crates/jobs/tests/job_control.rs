@@ -150,10 +150,7 @@ fn manual_finalize_waits_in_pending_then_applies_and_waits_for_dismiss() {
         auto_dismiss: false,
         ..Default::default()
     };
-    let (job, events) = start(&disk, full_stream(), setup);
-    wait_until(&job, &events, "BLOCK_JOB_PENDING", || {
-        events.contains("BLOCK_JOB_PENDING")
-    });
+    let (job, events) = stream_until_pending(&disk, setup);
     assert_eq!(job.info().status, JobStatus::Pending);
     assert_eq!(
         job.dismiss().unwrap_err().0,
@@ -195,10 +192,7 @@ fn cancel_in_pending_keeps_the_backing_file_although_everything_was_copied() {
         auto_finalize: false,
         ..Default::default()
     };
-    let (job, events) = start(&disk, full_stream(), setup);
-    wait_until(&job, &events, "BLOCK_JOB_PENDING", || {
-        events.contains("BLOCK_JOB_PENDING")
-    });
+    let (job, events) = stream_until_pending(&disk, setup);
     job.cancel().unwrap();
     assert_eq!(job.wait_concluded().as_deref(), Some("Operation canceled"));
     wait_until(&job, &events, "null", || job.is_finished());

@@ -23,10 +23,7 @@ fn a_stream_reserves_space_ahead_and_closing_the_image_gives_back_the_rest() {
             auto_finalize: false,
             ..Default::default()
         };
-        let (job, events) = start(&disk, full_stream(), setup);
-        wait_until(&job, &events, "BLOCK_JOB_PENDING", || {
-            events.contains("BLOCK_JOB_PENDING")
-        });
+        let (job, events) = stream_until_pending(&disk, setup);
         // All of it copied, and the slack of the reservation (64 MiB) still unused.
         let reserved = allocated_past_end(&f.top);
         assert!(

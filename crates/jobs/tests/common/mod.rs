@@ -352,6 +352,20 @@ pub fn start(disk: &Arc<Disk>, options: StreamOptions, setup: JobSetup) -> (Job,
     (job, events)
 }
 
+/// Starts a full stream with `setup` (whose `auto_finalize` must be off) and waits until it
+/// announces `BLOCK_JOB_PENDING`: copied and flushed, its header not yet rewritten.
+pub fn stream_until_pending(disk: &Arc<Disk>, setup: JobSetup) -> (Job, Events) {
+    assert!(
+        !setup.auto_finalize,
+        "a job that finalizes itself does not stay pending"
+    );
+    let (job, events) = start(disk, full_stream(), setup);
+    wait_until(&job, &events, "BLOCK_JOB_PENDING", || {
+        events.contains("BLOCK_JOB_PENDING")
+    });
+    (job, events)
+}
+
 /// Waits (on the job's condition variable, not by sleeping) until `done` holds; panics with
 /// the events so far if it does not within a generous bound.
 pub fn wait_until(job: &Job, events: &Events, what: &str, mut done: impl FnMut() -> bool) {
