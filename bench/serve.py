@@ -9,7 +9,9 @@ For each daemon, on a fresh copy of the chain each time, RUNS times:
                      rate both daemons sustain during a stream: stream time and latency at
                      the same guest load (in (b) the daemon that serves the guest faster
                      also gets more guest I/O to do while it streams);
-  (d) fio-idle:      fio alone for FIO_IDLE_S seconds.
+  (d) fio-idle:      fio alone for FIO_IDLE_S seconds;
+  (e) fio-flush:     the same with a flush (NBD_CMD_FLUSH) after every FIO_FLUSH_EVERY
+                     writes, as a guest's filesystem journal asks for.
 Every end state is verified: qemu-img check, no backing file after a stream, and the guest
 content equal to the expected content outside the range fio writes to (fio is confined to
 the second half of the disk; the first half must match the original chain byte for byte).
@@ -32,6 +34,7 @@ MIB = 1 << 20
 # Overridable for a quick smoke run of the script itself (and BENCH_PHASES to run only some).
 RUNS = int(os.environ.get("BENCH_RUNS", 3))
 FIO_IDLE_S = 5
+FIO_FLUSH_EVERY = 8
 FIO_RATE_IOPS = int(os.environ.get("FIO_RATE_IOPS", 12000))
 SIZE = int(os.environ.get("BENCH_SIZE_MIB", 2048)) * MIB
 CLUSTER = 64 * 1024
@@ -298,7 +301,8 @@ def one_run(kind, binary, chain_dir, expected, phase, run):
             result.update(fio_result(proc, out, interrupted=True))
         else:
             out = os.path.join(dir, "fio.json")
-            result.update(fio_result(fio(d.uri, FIO_IDLE_S, out), out))
+            extra = [f"--fsync={FIO_FLUSH_EVERY}"] if phase == "fio-flush" else []
+            result.update(fio_result(fio(d.uri, FIO_IDLE_S, out, extra=extra), out))
         result["cpu_s"] = d.cpu_s() - cpu0
         result["rss_mib"] = d.peak_rss_kib() / 1024
     finally:
@@ -307,7 +311,7 @@ def one_run(kind, binary, chain_dir, expected, phase, run):
         except Exception:
             d.proc.kill()
             raise
-    result["verify"] = verify(dir, expected, phase != "fio-idle")
+    result["verify"] = verify(dir, expected, phase.startswith("stream"))
     shutil.rmtree(dir)
     print(f"  {kind:9} {phase:13} run {run}: " +
           ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()),
@@ -337,7 +341,7 @@ def main():
     map_out = subprocess.run(["qemu-img", "map", "--output=json", os.path.join(workdir, "top.qcow2")],
                              check=True, capture_output=True, text=True).stdout
     to_copy = sum(e["length"] for e in json.loads(map_out) if e["depth"] > 0 and e["present"])
-    phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio stream+fio-rate fio-idle").split()
+    phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio stream+fio-rate fio-idle fio-flush").split()
     # One discarded run of each daemon first: the first run of a series has come out 2-3x
     # slower than the rest, whoever ran it (bench/results/serve-2026-11-27-background-turns.md).
     print("warm-up (discarded)", flush=True)
@@ -364,7 +368,7 @@ def main():
              f"a full stream copies {to_copy / GIB:.2f} GiB. QSD: file nodes aio=threads, default cache. "
              f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}: "
              f"nbd engine, one connection, randrw 4k, rwmixread=70, iodepth=16, confined to the second half of the disk; "
-             f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED; stream+fio-rate is the same with fio held to {FIO_RATE_IOPS} IOPS (--rate_iops, 70/30). "
+             f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED; stream+fio-rate is the same with fio held to {FIO_RATE_IOPS} IOPS (--rate_iops, 70/30); fio-flush is fio alone with a flush after every {FIO_FLUSH_EVERY} writes (--fsync). "
              f"until durable = stream wall + an fsync of the top file issued at BLOCK_JOB_COMPLETED (imgstream flushes before that event, QSD does not). "
              f"Medians of {RUNS} runs (min–max), each on a fresh copy of the chain, after one discarded run of each daemon. "
              f"verify = qemu-img check clean, no backing file after a stream, first half byte-equal to the original chain.",
