@@ -2,10 +2,11 @@
 //! syncs once, without the metadata lock that every guest request needs to find its clusters;
 //! one after an allocation also writes the tables back, in order, under that lock.
 
-use imgstream_format::qcow2::{self, Qcow2};
-use imgstream_format::qed::{self, Qed};
 use imgstream_format::recording::{MemoryStorage, Operation, RecordingStorage};
-use imgstream_format::{CreateOptions, ImageFormat, OpenOptions, Result, Storage};
+use imgstream_format::{
+    create_format, open_format, CreateOptions, FormatKind, ImageFormat, OpenOptions, Result,
+    Storage,
+};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -46,16 +47,21 @@ fn syncs_of_flushes(image: &dyn ImageFormat, storage: &RecordingStorage) -> (usi
     )
 }
 
+/// The bytes of a new `kind` image of [`SIZE`].
+fn new_image(kind: FormatKind) -> Vec<u8> {
+    let created = RecordingStorage::in_memory(Vec::new(), "new");
+    create_format(kind, &created, &CreateOptions::new(SIZE)).expect("create");
+    created.bytes().expect("bytes")
+}
+
 #[test]
 fn a_qcow2_flush_with_no_table_to_write_syncs_once() {
-    let created = RecordingStorage::in_memory(Vec::new(), "flush.qcow2");
-    qcow2::create(&created, &CreateOptions::new(SIZE)).expect("create");
     let storage = Arc::new(RecordingStorage::in_memory(
-        created.bytes().expect("bytes"),
+        new_image(FormatKind::Qcow2),
         "flush.qcow2",
     ));
-    let image = Qcow2::open(storage.clone(), RW).expect("open");
-    let (first, second) = syncs_of_flushes(&image, &storage);
+    let image = open_format(FormatKind::Qcow2, storage.clone(), RW).expect("open");
+    let (first, second) = syncs_of_flushes(image.as_ref(), &storage);
     assert!(
         first >= 3,
         "an allocation's flush orders data, refcounts and L2: {first} syncs"
@@ -97,21 +103,18 @@ impl Storage for HeldSyncs {
     }
 }
 
-/// While a flush after an in-place overwrite is inside its sync, another request maps a
-/// cluster: it must not wait for the sync.
-fn a_request_during_the_flush_sync_does_not_wait_for_it(
-    open: impl FnOnce(Arc<dyn Storage>) -> Arc<dyn ImageFormat>,
-    created: Vec<u8>,
-) {
+/// While a flush of a `kind` image after an in-place overwrite is inside its sync, another
+/// request maps a cluster: it must not wait for the sync.
+fn a_request_during_the_flush_sync_does_not_wait_for_it(kind: FormatKind) {
     let (entered, on_entry) = mpsc::channel();
     let (release, released) = mpsc::channel();
     let storage = Arc::new(HeldSyncs {
-        inner: MemoryStorage::new(created, "held"),
+        inner: MemoryStorage::new(new_image(kind), "held"),
         armed: AtomicBool::new(false),
         entered: Mutex::new(entered),
         release: Mutex::new(released),
     });
-    let image = open(storage.clone());
+    let image = open_format(kind, storage.clone(), RW).expect("open");
     let cluster = image.cluster_size();
     let host = image.allocate_clusters(1).expect("allocate");
     image.map_clusters(0, host, 1).expect("map");
@@ -147,20 +150,10 @@ fn a_request_during_the_flush_sync_does_not_wait_for_it(
 
 #[test]
 fn a_qcow2_flush_with_no_table_to_write_syncs_without_the_metadata_lock() {
-    let created = RecordingStorage::in_memory(Vec::new(), "flush.qcow2");
-    qcow2::create(&created, &CreateOptions::new(SIZE)).expect("create");
-    a_request_during_the_flush_sync_does_not_wait_for_it(
-        |storage| Arc::new(Qcow2::open(storage, RW).expect("open")),
-        created.bytes().expect("bytes"),
-    );
+    a_request_during_the_flush_sync_does_not_wait_for_it(FormatKind::Qcow2);
 }
 
 #[test]
 fn a_qed_flush_with_no_table_to_write_syncs_without_the_metadata_lock() {
-    let created = RecordingStorage::in_memory(Vec::new(), "flush.qed");
-    qed::create(&created, &CreateOptions::new(SIZE)).expect("create");
-    a_request_during_the_flush_sync_does_not_wait_for_it(
-        |storage| Arc::new(Qed::open(storage, RW).expect("open")),
-        created.bytes().expect("bytes"),
-    );
+    a_request_during_the_flush_sync_does_not_wait_for_it(FormatKind::Qed);
 }
