@@ -3,8 +3,8 @@
 //! across a crash at any point.
 //!
 //! Crash-safety argument (see docs/crash-safety.md): metadata changes are made in memory and
-//! written back by [`Metadata::write_back`] in the order
-//! data → refcount blocks → refcount table → header → L2 tables → L1 table,
+//! written back by a [`WriteBackPlan`] in the order
+//! data and refcount blocks → refcount table → header → L2 tables → L1 table,
 //! with a flush between stages that depend on each other. Hence on disk, at every moment:
 //! every L2/L1 entry points at durable data or a durable table, and every cluster that an entry
 //! points at has a durable refcount ≥ 1. Clusters released in memory are only handed back to
@@ -13,6 +13,7 @@
 
 use super::header::{Header, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use super::refcount;
+use super::write_back::{TableWrite, WriteBackPlan};
 use crate::error::{Error, Result};
 use crate::{Mapping, Storage};
 use std::collections::{BTreeSet, HashMap};
@@ -37,6 +38,9 @@ const REFBLOCK_CACHE_BYTES: u64 = 4 << 20;
 struct Slot<T> {
     table: T,
     dirty: bool,
+    /// Which change of the cache last touched this table: a write-back marks the table clean
+    /// only if no change came after the copy it wrote.
+    edit: u64,
     last_used: u64,
 }
 
@@ -44,6 +48,7 @@ struct Slot<T> {
 struct TableCache<T> {
     slots: HashMap<u64, Slot<T>>,
     capacity: usize,
+    edits: u64,
 }
 
 impl<T> TableCache<T> {
@@ -51,15 +56,69 @@ impl<T> TableCache<T> {
         TableCache {
             slots: HashMap::new(),
             capacity: capacity.max(4),
+            edits: 0,
+        }
+    }
+
+    fn insert_clean(&mut self, offset: u64, table: T, now: u64) {
+        let slot = Slot {
+            table,
+            dirty: false,
+            edit: 0,
+            last_used: now,
+        };
+        self.slots.insert(offset, slot);
+    }
+
+    fn insert_dirty(&mut self, offset: u64, table: T, now: u64) {
+        self.edits += 1;
+        let slot = Slot {
+            table,
+            dirty: true,
+            edit: self.edits,
+            last_used: now,
+        };
+        self.slots.insert(offset, slot);
+    }
+
+    /// The cached table at `offset`, marked dirty by a new change, for the caller to change.
+    fn edit(&mut self, offset: u64) -> Result<&mut T> {
+        self.edits += 1;
+        let edit = self.edits;
+        let slot = self.slots.get_mut(&offset).ok_or_else(|| {
+            Error::corrupt(format!("Table at {offset:#x} vanished from the cache"))
+        })?;
+        slot.dirty = true;
+        slot.edit = edit;
+        Ok(&mut slot.table)
+    }
+
+    /// Copies of the dirty tables, encoded for the disk.
+    fn dirty_copies(&self, encode: impl Fn(&T) -> Vec<u8>) -> Vec<TableWrite> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(offset, s)| TableWrite {
+                offset: *offset,
+                bytes: encode(&s.table),
+                edit: s.edit,
+            })
+            .collect()
+    }
+
+    /// Marks clean the tables whose copies were made durable, unless changed since.
+    fn mark_clean(&mut self, written: &[TableWrite]) {
+        for copy in written {
+            if let Some(slot) = self.slots.get_mut(&copy.offset) {
+                if slot.edit == copy.edit {
+                    slot.dirty = false;
+                }
+            }
         }
     }
 
     fn over_capacity(&self) -> bool {
         self.slots.len() > self.capacity
-    }
-
-    fn has_dirty(&self) -> bool {
-        self.slots.values().any(|s| s.dirty)
     }
 
     /// Drops least recently used clean tables until within capacity (dirty ones stay).
@@ -84,7 +143,7 @@ impl<T> TableCache<T> {
 /// One host range whose references were removed in memory; its refcounts drop once the
 /// removal is durable.
 #[derive(Debug, Clone, Copy)]
-struct PendingFree {
+pub struct PendingFree {
     offset: u64,
     length: u64,
 }
@@ -103,6 +162,8 @@ pub struct Metadata {
     l2_cache: TableCache<Vec<u64>>,
     reftable: Vec<u64>,
     reftable_dirty: bool,
+    /// Counts changes to the refcount table, as `Slot::edit` does for cached tables.
+    reftable_edit: u64,
     /// The refcount table moved: the header must be rewritten to point at it.
     reftable_moved: bool,
     refblocks: TableCache<Vec<u8>>,
@@ -152,6 +213,7 @@ impl Metadata {
             l2_cache: TableCache::new((L2_CACHE_BYTES / cluster_size) as usize),
             reftable: decode_table(&reftable_bytes),
             reftable_dirty: false,
+            reftable_edit: 0,
             reftable_moved: false,
             refblocks: TableCache::new((REFBLOCK_CACHE_BYTES / cluster_size) as usize),
             pending_free: Vec::new(),
@@ -166,17 +228,12 @@ impl Metadata {
         self.storage.len()
     }
 
-    /// Keeps the caches within their bounds. Called at the start of every operation, before
-    /// any change, so that a write-back never sees a half-made change.
-    pub fn make_room(&mut self) -> Result<()> {
+    /// Drops least recently used clean tables while the caches are over their bounds, and
+    /// says whether they still are (every table left is dirty) and need a write-back.
+    pub fn evict_clean(&mut self) -> bool {
         self.l2_cache.evict_clean();
         self.refblocks.evict_clean();
-        if self.l2_cache.over_capacity() || self.refblocks.over_capacity() {
-            self.write_back()?;
-            self.l2_cache.evict_clean();
-            self.refblocks.evict_clean();
-        }
-        Ok(())
+        self.l2_cache.over_capacity() || self.refblocks.over_capacity()
     }
 
     fn tick(&mut self) -> u64 {
@@ -215,14 +272,8 @@ impl Metadata {
         }
         let mut bytes = vec![0u8; self.cluster_size as usize];
         self.storage.read_at(offset, &mut bytes)?;
-        self.l2_cache.slots.insert(
-            offset,
-            Slot {
-                table: decode_table(&bytes),
-                dirty: false,
-                last_used: now,
-            },
-        );
+        self.l2_cache
+            .insert_clean(offset, decode_table(&bytes), now);
         Ok(())
     }
 
@@ -245,28 +296,16 @@ impl Metadata {
         if l2_offset == 0 {
             l2_offset = self.allocate(1)?;
             let now = self.tick();
-            self.l2_cache.slots.insert(
-                l2_offset,
-                Slot {
-                    table: vec![0; self.l2_entries as usize],
-                    dirty: true,
-                    last_used: now,
-                },
-            );
+            self.l2_cache
+                .insert_dirty(l2_offset, vec![0; self.l2_entries as usize], now);
             self.l1[l1_index as usize] = l2_offset | ENTRY_COPIED;
             self.l1_dirty.insert(l1_index);
         } else {
             self.load_l2(l2_offset)?;
         }
-        let slot = self
-            .l2_cache
-            .slots
-            .get_mut(&l2_offset)
-            .ok_or_else(|| Error::corrupt("L2 table vanished from the cache"))?;
+        let table = self.l2_cache.edit(l2_offset)?;
         let index = (cluster % self.l2_entries) as usize;
-        let old = slot.table[index];
-        slot.table[index] = entry;
-        slot.dirty = true;
+        let old = std::mem::replace(&mut table[index], entry);
         self.release_entry(old);
         Ok(())
     }
@@ -431,14 +470,7 @@ impl Metadata {
         }
         let mut bytes = vec![0u8; self.cluster_size as usize];
         self.storage.read_at(offset, &mut bytes)?;
-        self.refblocks.slots.insert(
-            offset,
-            Slot {
-                table: bytes,
-                dirty: false,
-                last_used: now,
-            },
-        );
+        self.refblocks.insert_clean(offset, bytes, now);
         Ok(())
     }
 
@@ -476,13 +508,7 @@ impl Metadata {
         self.load_refblock(block)?;
         let bits = self.refcount_bits;
         let index = cluster % self.refblock_entries;
-        let slot = self
-            .refblocks
-            .slots
-            .get_mut(&block)
-            .ok_or_else(|| Error::corrupt("Refcount block vanished from the cache"))?;
-        refcount::set(&mut slot.table, index, bits, value);
-        slot.dirty = true;
+        refcount::set(self.refblocks.edit(block)?, index, bits, value);
         if value == 0 {
             self.free_hint = self.free_hint.min(cluster);
         }
@@ -537,16 +563,10 @@ impl Metadata {
         let block_cluster = self.find_free_run(1)?;
         let block = block_cluster * self.cluster_size;
         let now = self.tick();
-        self.refblocks.slots.insert(
-            block,
-            Slot {
-                table: vec![0; self.cluster_size as usize],
-                dirty: true,
-                last_used: now,
-            },
-        );
+        self.refblocks
+            .insert_dirty(block, vec![0; self.cluster_size as usize], now);
         self.reftable[index as usize] = block;
-        self.reftable_dirty = true;
+        self.reftable_changed();
         // The new block may describe itself; if not, its own refcount needs another block,
         // which must not be placed on top of this one.
         self.reserved.push((block_cluster, block_cluster + 1));
@@ -556,19 +576,14 @@ impl Metadata {
         let own = self.refblock_offset(block_cluster / self.refblock_entries);
         self.load_refblock(own)?;
         let bits = self.refcount_bits;
-        let slot = self
-            .refblocks
-            .slots
-            .get_mut(&own)
-            .ok_or_else(|| Error::corrupt("Refcount block vanished from the cache"))?;
-        refcount::set(
-            &mut slot.table,
-            block_cluster % self.refblock_entries,
-            bits,
-            1,
-        );
-        slot.dirty = true;
+        let index = block_cluster % self.refblock_entries;
+        refcount::set(self.refblocks.edit(own)?, index, bits, 1);
         Ok(())
+    }
+
+    fn reftable_changed(&mut self) {
+        self.reftable_dirty = true;
+        self.reftable_edit += 1;
     }
 
     /// Moves the refcount table to a larger place that covers `needed_index`.
@@ -598,7 +613,7 @@ impl Metadata {
         claimed?;
         self.header.refcount_table_offset = start * cs;
         self.header.refcount_table_clusters = clusters as u32;
-        self.reftable_dirty = true;
+        self.reftable_changed();
         self.reftable_moved = true;
         self.pending_free.push(PendingFree {
             offset: old_offset,
@@ -632,8 +647,7 @@ impl Metadata {
         }
     }
 
-    fn apply_pending_frees(&mut self) -> Result<()> {
-        let frees = std::mem::take(&mut self.pending_free);
+    fn apply_frees(&mut self, frees: Vec<PendingFree>) -> Result<()> {
         for free in frees {
             let first = free.offset / self.cluster_size;
             let last = (free.offset + free.length).div_ceil(self.cluster_size);
@@ -652,107 +666,89 @@ impl Metadata {
 
     // ---- write-back ----------------------------------------------------------------------
 
-    pub fn has_dirty_metadata(&self) -> bool {
-        !self.l1_dirty.is_empty()
-            || self.l2_cache.has_dirty()
-            || self.refblocks.has_dirty()
-            || self.reftable_dirty
-            || !self.pending_free.is_empty()
-    }
-
-    /// Writes every dirty table back in dependency order; see the module comment.
+    /// Writes every dirty table back in dependency order and waits until it is durable, all
+    /// under the caller's lock. [`Metadata::begin_write_back`] is the way to do it without.
     pub fn write_back(&mut self) -> Result<()> {
-        // Guest data must be durable before any table that points at it.
-        self.storage.flush()?;
-        if !self.has_dirty_metadata() {
-            return Ok(());
-        }
-        let dirty_blocks = self.write_dirty_refblocks()?;
-        if self.reftable_dirty {
-            // A refcount block's contents must be durable before the table entry naming it.
-            self.storage.flush()?;
-            self.storage.write_at(
-                self.header.refcount_table_offset,
-                &encode_table(&self.reftable),
-            )?;
-        }
-        // Refcounts must be durable before L2/L1 entries that rely on them.
-        self.storage.flush()?;
-        if self.reftable_moved {
-            let fields = self.header.fields_to_bytes();
-            self.storage.write_at(48, &fields[48..60])?;
-            // The header must name the new table before the old one can be reused.
-            self.storage.flush()?;
-            self.reftable_moved = false;
-        }
-        self.reftable_dirty = false;
-        for offset in dirty_blocks {
-            if let Some(slot) = self.refblocks.slots.get_mut(&offset) {
-                slot.dirty = false;
+        let storage = self.storage.clone();
+        let mut plan = self.begin_write_back();
+        loop {
+            let written = plan.write(storage.as_ref());
+            match self.end_write_back(plan, written)? {
+                Some(next) => plan = next,
+                None => return Ok(()),
             }
         }
-        let dirty_l2: Vec<u64> = self
-            .l2_cache
-            .slots
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(k, _)| *k)
-            .collect();
-        for offset in &dirty_l2 {
-            let bytes = encode_table(&self.l2_cache.slots[offset].table);
-            self.storage.write_at(*offset, &bytes)?;
-        }
-        if !self.l1_dirty.is_empty() {
-            // A new L2 table's contents must be durable before the L1 entry naming it.
-            self.storage.flush()?;
-            let per_sector = SECTOR / 8;
-            let sectors: BTreeSet<u64> = self.l1_dirty.iter().map(|i| i / per_sector).collect();
-            for sector in sectors {
-                let first = (sector * per_sector) as usize;
-                let last = (first + per_sector as usize).min(self.l1.len());
-                self.storage.write_at(
-                    self.header.l1_table_offset + first as u64 * 8,
-                    &encode_table(&self.l1[first..last]),
-                )?;
-            }
-            self.l1_dirty.clear();
-        }
-        // The L2/L1 changes must be durable before their old clusters' refcounts drop.
-        self.storage.flush()?;
-        for offset in dirty_l2 {
-            if let Some(slot) = self.l2_cache.slots.get_mut(&offset) {
-                slot.dirty = false;
-            }
-        }
-        // Only now are released clusters unreferenced on disk, so only now may they be reused.
-        // Their lowered refcounts are written at once: left for the next write-back, a clean
-        // close (one write-back) would leave them leaked. A crash before this write leaks them.
-        if self.pending_free.is_empty() {
-            return Ok(());
-        }
-        self.apply_pending_frees()?;
-        for offset in self.write_dirty_refblocks()? {
-            if let Some(slot) = self.refblocks.slots.get_mut(&offset) {
-                slot.dirty = false;
-            }
-        }
-        self.storage.flush()
     }
 
-    /// Writes every dirty refcount block (without marking it clean) and returns their offsets.
-    fn write_dirty_refblocks(&mut self) -> Result<Vec<u64>> {
-        let dirty_blocks: Vec<u64> = self
-            .refblocks
-            .slots
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(k, _)| *k)
-            .collect();
-        for offset in &dirty_blocks {
-            self.storage
-                .write_at(*offset, &self.refblocks.slots[offset].table)?;
+    /// Copies everything dirty into a plan to write without the lock (see `write_back.rs`).
+    /// The caller writes the plan and hands it to [`Metadata::end_write_back`]; only one plan
+    /// may be out at a time, so that an older copy of a table never lands on a newer one.
+    pub fn begin_write_back(&mut self) -> WriteBackPlan {
+        let l1_indices: Vec<u64> = std::mem::take(&mut self.l1_dirty).into_iter().collect();
+        let per_sector = SECTOR / 8;
+        let mut l1_sectors: Vec<(u64, Vec<u8>)> = Vec::new();
+        for sector in l1_indices.iter().map(|i| i / per_sector) {
+            let offset = self.header.l1_table_offset + sector * SECTOR;
+            if l1_sectors.last().is_some_and(|(last, _)| *last == offset) {
+                continue;
+            }
+            let first = (sector * per_sector) as usize;
+            let last = (first + per_sector as usize).min(self.l1.len());
+            l1_sectors.push((offset, encode_table(&self.l1[first..last])));
         }
-        Ok(dirty_blocks)
+        let reftable = self.reftable_dirty.then(|| TableWrite {
+            offset: self.header.refcount_table_offset,
+            bytes: encode_table(&self.reftable),
+            edit: self.reftable_edit,
+        });
+        let reftable_fields = std::mem::take(&mut self.reftable_moved)
+            .then(|| self.header.fields_to_bytes()[48..60].to_vec());
+        WriteBackPlan {
+            refblocks: self.refblocks.dirty_copies(Vec::clone),
+            reftable,
+            reftable_fields,
+            l2_tables: self.l2_cache.dirty_copies(|table| encode_table(table)),
+            l1_sectors,
+            l1_indices,
+            frees: std::mem::take(&mut self.pending_free),
+        }
+    }
+
+    /// Takes back a plan after its write. If the write failed, what it carried is dirty again
+    /// and the error is returned. If it succeeded, the tables it copied are clean unless they
+    /// changed since; and the clusters its L2/L1 writes stopped referencing get their refcounts
+    /// lowered, which returns a second plan (refcount blocks only) for the caller to write.
+    pub fn end_write_back(
+        &mut self,
+        plan: WriteBackPlan,
+        written: Result<()>,
+    ) -> Result<Option<WriteBackPlan>> {
+        if let Err(error) = written {
+            self.l1_dirty.extend(plan.l1_indices);
+            self.reftable_moved |= plan.reftable_fields.is_some();
+            let later = std::mem::replace(&mut self.pending_free, plan.frees);
+            self.pending_free.extend(later);
+            return Err(error);
+        }
+        self.refblocks.mark_clean(&plan.refblocks);
+        self.l2_cache.mark_clean(&plan.l2_tables);
+        if plan
+            .reftable
+            .is_some_and(|table| table.edit == self.reftable_edit)
+        {
+            self.reftable_dirty = false;
+        }
+        if plan.frees.is_empty() {
+            return Ok(None);
+        }
+        // Only now are these clusters unreferenced on disk, so only now may they be reused.
+        // Their lowered refcounts are written at once: left for the next write-back, a clean
+        // close (one write-back) would leave them leaked. A crash before that write leaks them.
+        self.apply_frees(plan.frees)?;
+        Ok(Some(WriteBackPlan {
+            refblocks: self.refblocks.dirty_copies(Vec::clone),
+            ..WriteBackPlan::default()
+        }))
     }
 
     /// Writes the header fields (first `header_length` bytes) in one write.
@@ -796,10 +792,7 @@ impl Metadata {
     /// (for check repairs of flags).
     pub fn rewrite_l2_entry(&mut self, l2_offset: u64, index: usize, entry: u64) -> Result<()> {
         self.load_l2(l2_offset)?;
-        if let Some(slot) = self.l2_cache.slots.get_mut(&l2_offset) {
-            slot.table[index] = entry;
-            slot.dirty = true;
-        }
+        self.l2_cache.edit(l2_offset)?[index] = entry;
         Ok(())
     }
 
