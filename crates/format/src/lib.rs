@@ -13,6 +13,7 @@ pub mod qed;
 pub mod raw;
 pub mod recording;
 pub mod storage;
+mod table_write;
 pub mod write_gate;
 
 pub use error::{Error, ErrorKind, Result};

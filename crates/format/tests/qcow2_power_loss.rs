@@ -15,16 +15,15 @@
 
 use imgstream_format::qcow2::{self, Qcow2};
 use imgstream_format::recording::{Operation, RecordingStorage};
-use imgstream_format::Storage;
 use imgstream_format::{BackingRef, CreateOptions, ImageFormat, Mapping, OpenOptions, RepairMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+
+mod common;
+use common::{on_another_thread, Guest, Model, RacingChange, RacingStorage};
 
 const RW: OpenOptions = OpenOptions { writable: true };
 const RO: OpenOptions = OpenOptions { writable: false };
@@ -46,30 +45,6 @@ fn cluster_data(cluster: u64) -> Vec<u8> {
 }
 
 const GUEST_CLUSTERS: u64 = SIZE / CLUSTER;
-
-/// What the guest made of each cluster, as the closed image must map it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Guest {
-    Unallocated,
-    Data,
-    Zero,
-}
-
-/// Every guest cluster's expected state, shared by the workload and the racing changes.
-struct Model(Mutex<Vec<Guest>>);
-
-impl Model {
-    fn new() -> Self {
-        Model(Mutex::new(vec![
-            Guest::Unallocated;
-            GUEST_CLUSTERS as usize
-        ]))
-    }
-
-    fn set(&self, first: u64, count: u64, state: Guest) {
-        self.0.lock().unwrap()[first as usize..(first + count) as usize].fill(state);
-    }
-}
 
 /// Allocates host space for `count` guest clusters, writes their data, maps them.
 fn write_run(image: &Qcow2, model: &Model, first: u64, count: u64) {
@@ -108,73 +83,23 @@ fn workload(image: &Qcow2, model: &Model, racing: Option<&RacingStorage>, rounds
         let first = rng.gen_range(0..GUEST_CLUSTERS - 8);
         unmap_run(image, model, first, rng.gen_range(1..=8));
         if round % 3 != 2 {
-            image.flush().unwrap();
+            match racing {
+                Some(racing) => racing.during(|| image.flush()),
+                None => image.flush(),
+            }
+            .unwrap();
         }
         if round == rounds / 2 {
-            // The header rewrite holds the metadata lock through its write-back by design.
-            racing.inspect(|r| r.racing.store(false, Ordering::SeqCst));
             image
                 .set_backing(Some(&BackingRef {
                     name: "base.raw".into(),
                     format: Some("raw".into()),
                 }))
                 .unwrap();
-            racing.inspect(|r| r.racing.store(true, Ordering::SeqCst));
         }
     }
     write_run(image, model, 17, 5);
     write_run(image, model, GUEST_CLUSTERS - 40, 30);
-}
-
-/// One change of the kind the guest makes, from another thread, while a flush is syncing.
-type RacingChange = Box<dyn FnMut() + Send>;
-
-/// A recorded storage whose every flush, while `racing`, first waits for `change` to run on
-/// another thread. The change needs the metadata lock: if the write-back held it through its
-/// syncs, the change would wait forever, and the flush gives up after a minute.
-struct RacingStorage {
-    inner: Arc<RecordingStorage>,
-    racing: AtomicBool,
-    change: Mutex<Option<RacingChange>>,
-}
-
-impl std::fmt::Debug for RacingStorage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RacingStorage").finish_non_exhaustive()
-    }
-}
-
-impl Storage for RacingStorage {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> imgstream_format::Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-
-    fn write_at(&self, offset: u64, buf: &[u8]) -> imgstream_format::Result<()> {
-        self.inner.write_at(offset, buf)
-    }
-
-    fn flush(&self) -> imgstream_format::Result<()> {
-        let change = self.change.lock().unwrap().take();
-        if let Some(mut change) = change {
-            if self.racing.load(Ordering::SeqCst) {
-                change();
-            }
-            *self.change.lock().unwrap() = Some(change);
-        }
-        self.inner.flush()
-    }
-
-    fn len(&self) -> imgstream_format::Result<u64> {
-        self.inner.len()
-    }
-
-    fn set_len(&self, len: u64) -> imgstream_format::Result<()> {
-        self.inner.set_len(len)
-    }
-
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
 }
 
 /// The change made during each sync: a run written (new L2 tables and refcount blocks, or an
@@ -182,7 +107,6 @@ impl Storage for RacingStorage {
 fn racing_change(image: Weak<Qcow2>, model: Arc<Model>) -> RacingChange {
     let mut rng = StdRng::seed_from_u64(SEED ^ 0x4ace);
     Box::new(move || {
-        // Gone while the image closes: its last write-back runs unraced.
         let Some(image) = image.upgrade() else {
             return;
         };
@@ -190,46 +114,12 @@ fn racing_change(image: Weak<Qcow2>, model: Arc<Model>) -> RacingChange {
         let count = rng.gen_range(1..=24);
         let first = rng.gen_range(0..GUEST_CLUSTERS - count);
         let model = model.clone();
-        let (done, finished) = mpsc::channel();
-        std::thread::spawn(move || {
-            match kind {
-                0 => zero_run(&image, &model, first, count),
-                1 => unmap_run(&image, &model, first, count),
-                _ => write_run(&image, &model, first, count),
-            }
-            let _ = done.send(());
+        on_another_thread(move || match kind {
+            0 => zero_run(&image, &model, first, count),
+            1 => unmap_run(&image, &model, first, count),
+            _ => write_run(&image, &model, first, count),
         });
-        match finished.recv_timeout(Duration::from_secs(60)) {
-            Ok(()) => {}
-            Err(RecvTimeoutError::Timeout) => {
-                panic!("a change made during a flush's sync waited a minute for the flush")
-            }
-            Err(RecvTimeoutError::Disconnected) => panic!("the racing change failed"),
-        }
     })
-}
-
-/// The closed image maps every guest cluster as the model says.
-fn assert_matches_model(bytes: Vec<u8>, model: &Model) {
-    let storage = Arc::new(RecordingStorage::in_memory(bytes, "closed.qcow2"));
-    let image = Qcow2::open(storage, RO).unwrap();
-    let expected = model.0.lock().unwrap().clone();
-    let mut guest = 0;
-    while guest < image.virtual_size() {
-        let extent = image.map(guest, u64::MAX).unwrap();
-        let state = match extent.mapping {
-            Mapping::Data { .. } => Guest::Data,
-            Mapping::Zero { .. } => Guest::Zero,
-            _ => Guest::Unallocated,
-        };
-        for cluster in guest / CLUSTER..(guest + extent.length) / CLUSTER {
-            assert_eq!(
-                state, expected[cluster as usize],
-                "guest cluster {cluster} of the closed image"
-            );
-        }
-        guest += extent.length;
-    }
 }
 
 /// Opens a state read-only: our check finds no corruption, and each data cluster holds the
@@ -296,14 +186,10 @@ fn power_loss_at_every_point(version: u32, refcount_bits: u32, rounds: u64, race
         initial.clone(),
         "recording.qcow2",
     ));
-    let racing = Arc::new(RacingStorage {
-        inner: storage.clone(),
-        racing: AtomicBool::new(raced),
-        change: Mutex::new(None),
-    });
-    let model = Arc::new(Model::new());
+    let racing = Arc::new(RacingStorage::new(storage.clone()));
+    let model = Arc::new(Model::new(GUEST_CLUSTERS));
     let image = Arc::new(Qcow2::open(racing.clone(), RW).unwrap());
-    *racing.change.lock().unwrap() = Some(racing_change(Arc::downgrade(&image), model.clone()));
+    racing.set_change(racing_change(Arc::downgrade(&image), model.clone()));
     workload(&image, &model, raced.then_some(&*racing), rounds);
     drop(image);
     let events = storage.operations();
@@ -322,7 +208,8 @@ fn power_loss_at_every_point(version: u32, refcount_bits: u32, rounds: u64, race
         "the workload must need a second refcount block ({host_clusters} host clusters)"
     );
 
-    assert_matches_model(final_bytes.clone(), &model);
+    let closed = RecordingStorage::in_memory(final_bytes.clone(), "closed.qcow2");
+    model.assert_matches(&Qcow2::open(Arc::new(closed), RO).unwrap());
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cut.qcow2");

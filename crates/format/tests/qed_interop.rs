@@ -9,7 +9,10 @@ use imgstream_format::{
 };
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+
+mod common;
+use common::{on_another_thread, Guest, Model, RacingChange, RacingStorage};
 
 const RW: OpenOptions = OpenOptions { writable: true };
 const RO: OpenOptions = OpenOptions { writable: false };
@@ -446,25 +449,51 @@ fn eight_threads_allocating_and_mapping_at_once_leave_a_clean_image() {
     assert_qemu_reads(&path, &reads);
 }
 
+/// Guest clusters of the power-loss image: 32 MiB of 4 KiB clusters.
+const CRASH_CLUSTERS: u64 = 32 * MIB / 4096;
+
+/// Writes one guest cluster's pattern to a new host cluster and maps it.
+fn crash_write(qed: &Qed, model: &Model, cluster: u64) {
+    let cluster_size = qed.cluster_size();
+    let host = qed.allocate_clusters(1).unwrap();
+    let data = vec![pattern(cluster); cluster_size as usize];
+    qed.storage().write_at(host, &data).unwrap();
+    qed.map_clusters(cluster * cluster_size, host, 1).unwrap();
+    model.set(cluster, 1, Guest::Data);
+}
+
+fn crash_zero(qed: &Qed, model: &Model, first: u64, count: u64) {
+    qed.zero_clusters(first * qed.cluster_size(), count)
+        .unwrap();
+    model.set(first, count, Guest::Zero);
+}
+
+fn crash_unmap(qed: &Qed, model: &Model, first: u64, count: u64) {
+    qed.unmap_clusters(first * qed.cluster_size(), count)
+        .unwrap();
+    model.set(first, count, Guest::Unallocated);
+}
+
+fn crash_flush(qed: &Qed, racing: Option<&RacingStorage>) {
+    match racing {
+        Some(racing) => racing.during(|| qed.flush()),
+        None => qed.flush(),
+    }
+    .unwrap();
+}
+
 /// A workload touching several L2 tables through a 2-table cache (so dirty tables get evicted),
 /// with zeroing, unmapping, a backing change and flushes in between; the last writes are never
 /// flushed.
-fn crash_workload(qed: &Qed) {
-    let cluster_size = qed.cluster_size();
+fn crash_workload(qed: &Qed, model: &Model, racing: Option<&RacingStorage>) {
     // With 4 KiB clusters and 2-cluster tables, an L2 table covers 1024 clusters (4 MiB).
-    let write = |cluster: u64| {
-        let host = qed.allocate_clusters(1).unwrap();
-        let data = vec![pattern(cluster); cluster_size as usize];
-        qed.storage().write_at(host, &data).unwrap();
-        qed.map_clusters(cluster * cluster_size, host, 1).unwrap();
-    };
     for round in 0..3 {
         for table in 0..5 {
-            write(table * 1024 + round * 7);
+            crash_write(qed, model, table * 1024 + round * 7);
         }
-        qed.zero_clusters((600 + round) * cluster_size, 2).unwrap();
-        qed.unmap_clusters(round * 7 * cluster_size, 1).unwrap();
-        qed.flush().unwrap();
+        crash_zero(qed, model, 600 + round, 2);
+        crash_unmap(qed, model, round * 7, 1);
+        crash_flush(qed, racing);
     }
     qed.set_backing(Some(&BackingRef {
         name: "base.raw".into(),
@@ -472,11 +501,30 @@ fn crash_workload(qed: &Qed) {
     }))
     .unwrap();
     for cluster in [5, 2060, 4095, 3000] {
-        write(cluster);
+        crash_write(qed, model, cluster);
     }
-    qed.flush().unwrap();
-    write(100);
-    write(3600);
+    crash_flush(qed, racing);
+    crash_write(qed, model, 100);
+    crash_write(qed, model, 3600);
+}
+
+/// The change made during each sync of a write-back: a cluster written (often in a table not
+/// cached, so the full cache must make room while the write-back runs), zeroed or unmapped.
+fn crash_racing_change(qed: Weak<Qed>, model: Arc<Model>) -> RacingChange {
+    let mut round = 0u64;
+    Box::new(move || {
+        let Some(qed) = qed.upgrade() else {
+            return;
+        };
+        round += 1;
+        let cluster = (round * 1031) % CRASH_CLUSTERS;
+        let model = model.clone();
+        on_another_thread(move || match round % 4 {
+            0 => crash_zero(&qed, &model, cluster, 1),
+            1 => crash_unmap(&qed, &model, cluster, 1),
+            _ => crash_write(&qed, &model, cluster),
+        });
+    })
 }
 
 /// Opens a disk state read-only and checks that it is consistent and that every data entry
@@ -506,6 +554,17 @@ fn assert_consistent(bytes: Vec<u8>, what: &str) {
 
 #[test]
 fn power_loss_at_any_point_leaves_a_consistent_image() {
+    power_loss_at_any_point(false);
+}
+
+/// The flush writes tables back without the metadata lock, from a copy: a change made during
+/// every sync of every write-back must be kept, and every cut must still be consistent.
+#[test]
+fn changes_during_every_sync_of_a_flush_are_kept_and_power_loss_anywhere_is_consistent() {
+    power_loss_at_any_point(true);
+}
+
+fn power_loss_at_any_point(raced: bool) {
     let created = RecordingStorage::in_memory(Vec::new(), "recording.qed");
     qed::create(
         &created,
@@ -527,10 +586,15 @@ fn power_loss_at_any_point_leaves_a_consistent_image() {
         initial.clone(),
         "recording.qed",
     ));
-    let qed = Qed::open_with_cache(storage.clone(), RW, 2).unwrap();
-    crash_workload(&qed);
+    let racing = Arc::new(RacingStorage::new(storage.clone()));
+    let model = Arc::new(Model::new(CRASH_CLUSTERS));
+    let qed = Arc::new(Qed::open_with_cache(racing.clone(), RW, 2).unwrap());
+    racing.set_change(crash_racing_change(Arc::downgrade(&qed), model.clone()));
+    crash_workload(&qed, &model, raced.then_some(&*racing));
     drop(qed);
     let events = storage.operations();
+    let closed = RecordingStorage::in_memory(storage.bytes().unwrap(), "closed.qed");
+    model.assert_matches(&Qed::open(Arc::new(closed), RO).unwrap());
     assert!(
         events.len() > 50,
         "workload too small: {} events",

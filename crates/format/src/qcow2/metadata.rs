@@ -13,8 +13,9 @@
 
 use super::header::{Header, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES};
 use super::refcount;
-use super::write_back::{TableWrite, WriteBackPlan};
+use super::write_back::WriteBackPlan;
 use crate::error::{Error, Result};
+use crate::table_write::TableWrite;
 use crate::{Mapping, Storage};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

@@ -9,15 +9,8 @@
 //! leave their tables dirty (their edit number moved) for the next write-back.
 
 use crate::error::Result;
+use crate::table_write::TableWrite;
 use crate::Storage;
-
-/// The bytes of one table to write at `offset`, and the edit number of the table they copy.
-#[derive(Debug)]
-pub struct TableWrite {
-    pub offset: u64,
-    pub bytes: Vec<u8>,
-    pub edit: u64,
-}
 
 /// Everything one write-back writes, in the order [`WriteBackPlan::write`] writes it.
 #[derive(Debug, Default)]

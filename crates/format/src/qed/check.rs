@@ -122,9 +122,7 @@ impl Qed {
                 }
             }
             if changed {
-                if let Some(table) = meta.l2.peek_mut(l2_offset) {
-                    table.dirty = true;
-                }
+                meta.l2.mark_dirty(l2_offset);
             }
         }
 
@@ -140,11 +138,11 @@ impl Qed {
         }
         if fix && report.corruptions == 0 {
             // Writes the repaired tables in the crash-safe order and clears NEED_CHECK.
-            self.flush_locked(meta)?;
+            self.write_back_locked(meta, true)?;
         } else if fix {
             // Keep NEED_CHECK: what is left cannot be repaired, but the fixes are still worth
             // keeping.
-            self.write_back(meta)?;
+            self.write_back_locked(meta, false)?;
         }
         Ok(report)
     }

@@ -8,6 +8,7 @@ mod check;
 mod create;
 pub mod header;
 pub mod table;
+mod write_back;
 
 pub use create::create;
 pub use header::{parse_header, Header};
@@ -23,8 +24,9 @@ use header::{
     HEADER_LEN,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use table::{decode_table, encode_table, L2Cache, L2_CACHE_TABLES, UNALLOCATED, ZERO_CLUSTER};
+use write_back::WriteBackPlan;
 
 /// Memory the L2 cache may use; large geometries get fewer than `L2_CACHE_TABLES` tables.
 const L2_CACHE_BYTES: u64 = 32 << 20;
@@ -44,6 +46,11 @@ pub struct Qed {
     /// size rounded down to a cluster, as in QEMU (a partial last cluster is not preserved).
     next_free: AtomicU64,
     meta: Mutex<Metadata>,
+    /// Held for a whole write-back, which takes the metadata lock only to copy the dirty tables
+    /// and to mark them clean: one write-back at a time, so an older copy of a table never
+    /// lands on a newer one, and only its holder changes the header. Taken before the
+    /// metadata lock, never after it.
+    write_back: Mutex<()>,
 }
 
 /// Everything the lock protects: the header as it is on disk, the L1 table and the L2 cache.
@@ -58,8 +65,59 @@ struct Metadata {
 }
 
 impl Metadata {
-    fn l1_has_dirty(&self) -> bool {
-        self.l1_dirty.iter().any(|&dirty| dirty)
+    /// Copies everything dirty into a plan to write without the lock (see `write_back.rs`),
+    /// ending with NEED_CHECK cleared if `clear_need_check`. The caller holds the write-back
+    /// lock, writes the plan and hands it to [`Metadata::end_write_back`].
+    fn begin_write_back(&mut self, clear_need_check: bool) -> WriteBackPlan {
+        let mut l1_runs = Vec::new();
+        let mut l1_indices = Vec::new();
+        let mut index = 0;
+        while index < self.l1.len() {
+            if !self.l1_dirty[index] {
+                index += 1;
+                continue;
+            }
+            let run_end = (index..self.l1.len())
+                .find(|&i| !self.l1_dirty[i])
+                .unwrap_or(self.l1.len());
+            let offset = self.header.l1_table_offset + 8 * index as u64;
+            l1_runs.push((offset, encode_table(&self.l1[index..run_end])));
+            self.l1_dirty[index..run_end].fill(false);
+            l1_indices.extend(index..run_end);
+            index = run_end;
+        }
+        let l2_tables = self.l2.dirty_copies();
+        let writes_tables = !l2_tables.is_empty() || !l1_runs.is_empty();
+        let mut header = self.header.clone();
+        header.features |= FEATURE_NEED_CHECK;
+        let mark = (writes_tables && !self.header.needs_check()).then(|| header.clone());
+        header.features &= !FEATURE_NEED_CHECK;
+        let clear =
+            (clear_need_check && (writes_tables || self.header.needs_check())).then_some(header);
+        WriteBackPlan {
+            mark,
+            l2_tables,
+            l1_runs,
+            l1_indices,
+            clear,
+        }
+    }
+
+    /// Takes back a plan after its write: if it failed, its L1 entries are dirty again (its
+    /// tables never stopped being) and the error is returned; if it succeeded, the tables it
+    /// copied are clean unless they changed since, and the header is what it wrote.
+    fn end_write_back(&mut self, plan: WriteBackPlan, written: Result<()>) -> Result<()> {
+        if let Err(error) = written {
+            for index in plan.l1_indices {
+                self.l1_dirty[index] = true;
+            }
+            return Err(error);
+        }
+        self.l2.mark_clean(&plan.l2_tables);
+        if let Some(header) = plan.header_written() {
+            self.header = header.clone();
+        }
+        Ok(())
     }
 }
 
@@ -116,6 +174,7 @@ impl Qed {
                 backing_name,
                 l2: L2Cache::new(cache_tables),
             }),
+            write_back: Mutex::new(()),
             storage,
         };
         if options.writable {
@@ -154,6 +213,13 @@ impl Qed {
         // A panic while holding the lock leaves the in-memory tables at worst missing a change;
         // the disk is consistent by construction, so carrying on is no worse than failing.
         self.meta.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_back_lock(&self) -> MutexGuard<'_, ()> {
+        // It guards no data: a panic while holding it leaves nothing half-done to protect.
+        self.write_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn ensure_writable(&self) -> Result<()> {
@@ -221,20 +287,35 @@ impl Qed {
         Ok(())
     }
 
-    /// Evicts tables until the cache has room, writing dirty ones back crash-safely.
+    /// Evicts tables until the cache has room, writing dirty ones back crash-safely. While a
+    /// flush's write-back is under way it evicts only clean tables, and the cache runs over its
+    /// bound if there are none: that write-back makes its tables clean.
     fn make_room(&self, meta: &mut Metadata) -> Result<()> {
         while meta.l2.is_full() {
             let Some((offset, dirty)) = meta.l2.least_recently_used() else {
                 break;
             };
-            if dirty {
-                // The data this table points at must be durable before the table is.
-                self.storage.flush()?;
-                self.mark_need_check(meta)?;
-                self.write_l2(meta, offset)?;
-                // The L1 entry for a new table is written only by the next flush, whose
-                // step 3 flush orders it after this write.
+            if !dirty {
+                meta.l2.remove(offset);
+                continue;
             }
+            let _writing = match self.write_back.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => match meta.l2.least_recently_used_clean() {
+                    Some(clean) => {
+                        meta.l2.remove(clean);
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            // The data this table points at must be durable before the table is.
+            self.storage.flush()?;
+            self.mark_need_check(meta)?;
+            self.write_l2(meta, offset)?;
+            // The L1 entry for a new table is written only by the next flush, whose step 3
+            // flush orders it after this write.
             meta.l2.remove(offset);
         }
         Ok(())
@@ -350,66 +431,17 @@ impl Qed {
         })?;
         if *entry != value {
             *entry = value;
-            if let Some(table) = meta.l2.peek_mut(l2_offset) {
-                table.dirty = true;
-            }
+            meta.l2.mark_dirty(l2_offset);
         }
         Ok(())
     }
 
-    /// Steps 1 to 4 of the flush: everything in memory reaches the disk, in an order in which
-    /// every table entry on disk points at durable data at every moment. Leaves NEED_CHECK set
-    /// if anything was written.
-    fn write_back(&self, meta: &mut Metadata) -> Result<()> {
-        // (1) Data clusters must be durable before any table entry points at them.
-        self.storage.flush()?;
-        if !meta.l2.has_dirty() && !meta.l1_has_dirty() {
-            return Ok(());
-        }
-        // (2) The image is inconsistent while tables are rewritten: mark it so first.
-        self.mark_need_check(meta)?;
-        for offset in meta.l2.dirty_offsets() {
-            self.write_l2(meta, offset)?;
-        }
-        // (3) A new L2 table's contents must be durable before the L1 entry pointing at it.
-        self.storage.flush()?;
-        self.write_l1(meta)?;
-        // (4) The L1 entries must be durable before the image is marked consistent again.
-        self.storage.flush()
-    }
-
-    /// Writes every run of dirty L1 entries, one write per run.
-    fn write_l1(&self, meta: &mut Metadata) -> Result<()> {
-        let mut index = 0;
-        while index < meta.l1.len() {
-            if !meta.l1_dirty[index] {
-                index += 1;
-                continue;
-            }
-            let run_end = (index..meta.l1.len())
-                .find(|&i| !meta.l1_dirty[i])
-                .unwrap_or(meta.l1.len());
-            let offset = meta.header.l1_table_offset + 8 * index as u64;
-            self.storage
-                .write_at(offset, &encode_table(&meta.l1[index..run_end]))?;
-            meta.l1_dirty[index..run_end].fill(false);
-            index = run_end;
-        }
-        Ok(())
-    }
-
-    /// The whole flush: write back, then (5) clear NEED_CHECK.
-    fn flush_locked(&self, meta: &mut Metadata) -> Result<()> {
-        self.write_back(meta)?;
-        if meta.header.needs_check() {
-            let mut header = meta.header.clone();
-            header.features &= !FEATURE_NEED_CHECK;
-            self.write_header(meta, header)?;
-            // (5) The image is consistent again; make that durable so the next open skips
-            // the check.
-            self.storage.flush()?;
-        }
-        Ok(())
+    /// The whole write-back (`write_back.rs`) under the caller's metadata lock, for callers
+    /// that hold it anyway (the header rewrite, the check). The flush does it without.
+    fn write_back_locked(&self, meta: &mut Metadata, clear_need_check: bool) -> Result<()> {
+        let plan = meta.begin_write_back(clear_need_check);
+        let written = plan.write(self.storage.as_ref());
+        meta.end_write_back(plan, written)
     }
 }
 
@@ -552,16 +584,13 @@ impl ImageFormat for Qed {
         if !self.writable {
             return Ok(());
         }
-        // Data first, without the metadata lock, which every guest request needs to find its
-        // clusters; write_back syncs again under the lock only if a table is to be written.
-        self.storage.flush()?;
-        let mut meta = self.lock();
-        // The sync above covers every write that completed before this call, and tables are
-        // marked clean only as part of a write-back that ends in a sync.
-        if !meta.l2.has_dirty() && !meta.l1_has_dirty() && !meta.header.needs_check() {
-            return Ok(());
-        }
-        self.flush_locked(&mut meta)
+        // The metadata lock is held only to copy the dirty tables and to take the copy back.
+        // The writes and syncs in between run without it: every guest request needs it to
+        // find its clusters.
+        let _writing = self.write_back_lock();
+        let plan = self.lock().begin_write_back(true);
+        let written = plan.write(self.storage.as_ref());
+        self.lock().end_write_back(plan, written)
     }
 
     fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
@@ -574,6 +603,7 @@ impl ImageFormat for Qed {
             )));
         }
         let write_len = HEADER_LEN + name.len();
+        let _writing = self.write_back_lock();
         let mut meta = self.lock();
         if write_len as u64 > meta.header.header_bytes() || write_len > MAX_HEADER_WRITE {
             return Err(Error::invalid(format!(
@@ -582,7 +612,7 @@ impl ImageFormat for Qed {
             )));
         }
         // Pending metadata goes first, so that the header we then write is final and clean.
-        self.flush_locked(&mut meta)?;
+        self.write_back_locked(&mut meta, true)?;
         let mut header = meta.header.clone();
         header.features &= !(FEATURE_BACKING_FILE | FEATURE_BACKING_FORMAT_NO_PROBE);
         header.backing_filename_offset = 0;
@@ -612,6 +642,7 @@ impl ImageFormat for Qed {
         if fix {
             self.ensure_writable()?;
         }
+        let _writing = self.write_back_lock();
         let mut meta = self.lock();
         self.check_locked(&mut meta, fix)
     }

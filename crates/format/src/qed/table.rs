@@ -2,6 +2,7 @@
 
 use super::header::{is_aligned, Header};
 use crate::error::{Error, Result};
+use crate::table_write::TableWrite;
 use std::collections::hash_map::{Entry, HashMap};
 
 /// A data offset of 0: the cluster is not allocated here, the backing file shows through.
@@ -97,6 +98,9 @@ pub(crate) struct CachedTable {
     pub entries: Vec<u64>,
     /// Changed since it was last written.
     pub dirty: bool,
+    /// Which change of the cache last touched this table: a write-back marks the table clean
+    /// only if no change came after the copy it wrote.
+    pub edit: u64,
     /// Cache clock value of the last use, for least-recently-used eviction.
     last_use: u64,
 }
@@ -110,6 +114,7 @@ pub(crate) struct L2Cache {
     tables: HashMap<u64, CachedTable>,
     capacity: usize,
     clock: u64,
+    edits: u64,
 }
 
 impl L2Cache {
@@ -119,6 +124,7 @@ impl L2Cache {
             tables: HashMap::new(),
             capacity: capacity.max(1),
             clock: 0,
+            edits: 0,
         }
     }
 
@@ -140,6 +146,15 @@ impl L2Cache {
             .map(|(&offset, table)| (offset, table.dirty))
     }
 
+    /// The least recently used clean table's offset.
+    pub fn least_recently_used_clean(&self) -> Option<u64> {
+        self.tables
+            .iter()
+            .filter(|(_, table)| !table.dirty)
+            .min_by_key(|(_, table)| table.last_use)
+            .map(|(&offset, _)| offset)
+    }
+
     /// Drops a table from the cache; the caller wrote it back first if it was dirty.
     pub fn remove(&mut self, offset: u64) {
         self.tables.remove(&offset);
@@ -159,6 +174,7 @@ impl L2Cache {
             Entry::Vacant(slot) => slot.insert(CachedTable {
                 entries: load()?,
                 dirty: false,
+                edit: 0,
                 last_use: clock,
             }),
         };
@@ -174,28 +190,49 @@ impl L2Cache {
     /// Adds a table made in memory (a newly allocated L2 table); the caller made room first.
     pub fn insert_new(&mut self, offset: u64, entries: Vec<u64>) {
         self.clock += 1;
+        self.edits += 1;
         let table = CachedTable {
             entries,
             dirty: true,
+            edit: self.edits,
             last_use: self.clock,
         };
         self.tables.insert(offset, table);
     }
 
-    /// Offsets of the tables changed since they were last written, in file order.
-    pub fn dirty_offsets(&self) -> Vec<u64> {
-        let mut dirty: Vec<u64> = self
+    /// Records a change to the cached table at `offset`: dirty, with a new edit number.
+    pub fn mark_dirty(&mut self, offset: u64) {
+        self.edits += 1;
+        if let Some(table) = self.tables.get_mut(&offset) {
+            table.dirty = true;
+            table.edit = self.edits;
+        }
+    }
+
+    /// Copies of the tables changed since they were last written, in file order.
+    pub fn dirty_copies(&self) -> Vec<TableWrite> {
+        let mut dirty: Vec<TableWrite> = self
             .tables
             .iter()
             .filter(|(_, table)| table.dirty)
-            .map(|(&offset, _)| offset)
+            .map(|(&offset, table)| TableWrite {
+                offset,
+                bytes: encode_table(&table.entries),
+                edit: table.edit,
+            })
             .collect();
-        dirty.sort_unstable();
+        dirty.sort_unstable_by_key(|table| table.offset);
         dirty
     }
 
-    /// Whether any cached table is dirty.
-    pub fn has_dirty(&self) -> bool {
-        self.tables.values().any(|table| table.dirty)
+    /// Marks clean the tables whose copies were made durable, unless changed since.
+    pub fn mark_clean(&mut self, written: &[TableWrite]) {
+        for copy in written {
+            if let Some(table) = self.tables.get_mut(&copy.offset) {
+                if table.edit == copy.edit {
+                    table.dirty = false;
+                }
+            }
+        }
     }
 }
