@@ -5,12 +5,21 @@ use crate::chain::Layer;
 use crate::{Disk, Error, Result};
 use imgstream_format::{Mapping, Writeback};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, TryLockError};
 
 /// Largest guest range one allocation covers; bounds the bounce buffer of a write.
 const MAX_ALLOCATION_BYTES: u64 = 4 << 20;
 /// Size of the zero buffer used where zeroes have to be written as data.
 const ZERO_CHUNK: u64 = 1 << 20;
+
+/// How [`read_through_with`] gets bytes from the layers' files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// Whatever it takes.
+    Wait,
+    /// Only bytes already in memory; anything else (or a compressed cluster) gives up.
+    CachedOnly,
+}
 
 /// Reads guest bytes at `offset` as layer `depth` and those below see them.
 pub(crate) fn read_through(
@@ -19,9 +28,21 @@ pub(crate) fn read_through(
     offset: u64,
     buf: &mut [u8],
 ) -> Result<()> {
+    read_through_with(layers, depth, offset, buf, Fetch::Wait).map(drop)
+}
+
+/// [`read_through`], which with [`Fetch::CachedOnly`] returns `false` as soon as a piece is
+/// not in memory (then `buf` holds nothing useful).
+fn read_through_with(
+    layers: &[Arc<Layer>],
+    depth: usize,
+    offset: u64,
+    buf: &mut [u8],
+    fetch: Fetch,
+) -> Result<bool> {
     let Some(layer) = layers.get(depth) else {
         buf.fill(0);
-        return Ok(());
+        return Ok(true);
     };
     let image = &layer.image;
     let size = image.virtual_size();
@@ -38,8 +59,14 @@ pub(crate) fn read_through(
         let n = (extent.length as usize).min(rest);
         let piece = &mut buf[done..done + n];
         match extent.mapping {
+            Mapping::Data { host_offset, .. } if fetch == Fetch::CachedOnly => {
+                if !image.storage().read_cached(host_offset, piece)? {
+                    return Ok(false);
+                }
+            }
             Mapping::Data { host_offset, .. } => image.storage().read_at(host_offset, piece)?,
             Mapping::Zero { .. } => piece.fill(0),
+            Mapping::Compressed { .. } if fetch == Fetch::CachedOnly => return Ok(false),
             Mapping::Compressed { descriptor } => {
                 let cluster_size = image.cluster_size();
                 let mut cluster = vec![0u8; cluster_size as usize];
@@ -47,11 +74,15 @@ pub(crate) fn read_through(
                 let within = (pos % cluster_size) as usize;
                 piece.copy_from_slice(&cluster[within..within + n]);
             }
-            Mapping::Unallocated => read_through(layers, depth + 1, pos, piece)?,
+            Mapping::Unallocated => {
+                if !read_through_with(layers, depth + 1, pos, piece, fetch)? {
+                    return Ok(false);
+                }
+            }
         }
         done += n;
     }
-    Ok(())
+    Ok(true)
 }
 
 impl Disk {
@@ -73,6 +104,35 @@ impl Disk {
         }
         let _guard = self.locks.shared(first, last);
         read_through(&layers, 0, offset, buf)
+    }
+
+    /// [`Disk::read`] if that needs no waiting: nothing to copy up, no write to the range under
+    /// way, the chain not being changed, and every byte in memory (page cache). `false`:
+    /// nothing useful was read, call [`Disk::read`]. A server's event loop answers most guest
+    /// reads this way without handing them to a thread. (A table the format has not cached is
+    /// still read from its file.)
+    pub fn read_if_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        self.check_range(offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let layers = match self.layers.try_read() {
+            Ok(layers) => layers,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(false),
+        };
+        let limit = self.copy_on_read_limit.load(Ordering::SeqCst);
+        if limit > 1 && self.writable && !self.top_defines(&layers, offset, buf.len() as u64)? {
+            return Ok(false);
+        }
+        let (first, last) = (
+            self.align_down(offset),
+            self.align_up(offset + buf.len() as u64),
+        );
+        let Some(_guard) = self.locks.try_shared(first, last) else {
+            return Ok(false);
+        };
+        read_through_with(&layers, 0, offset, buf, Fetch::CachedOnly)
     }
 
     /// Whether the top defines all of `[offset, offset + length)`: then a read has nothing to

@@ -52,6 +52,15 @@ impl RangeLocks {
         self.acquire(start, end, true)
     }
 
+    /// `[start, end)` held shared if no exclusive holder overlaps it now; `None` otherwise.
+    pub fn try_shared(&self, start: u64, end: u64) -> Option<RangeGuard<'_>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.held.iter().any(|h| h.conflicts(start, end, false)) {
+            return None;
+        }
+        Some(self.hold(&mut state, start, end, false))
+    }
+
     fn acquire(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while state
@@ -61,6 +70,10 @@ impl RangeLocks {
         {
             state = self.released.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+        self.hold(&mut state, start, end, exclusive)
+    }
+
+    fn hold(&self, state: &mut State, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
         let id = state.next_id;
         state.next_id += 1;
         state.held.push(Held {
@@ -96,6 +109,19 @@ mod tests {
         drop((a, b));
         let _c = locks.exclusive(0, 10);
         let _d = locks.exclusive(10, 20);
+    }
+
+    #[test]
+    fn try_shared_fails_only_where_an_exclusive_holder_overlaps() {
+        let locks = RangeLocks::new();
+        let writer = locks.exclusive(100, 200);
+        assert!(locks.try_shared(150, 160).is_none());
+        assert!(locks.try_shared(50, 101).is_none());
+        let reader = locks.try_shared(200, 300).expect("no overlap");
+        let second = locks.try_shared(250, 260).expect("readers share");
+        drop(writer);
+        let _again = locks.try_shared(100, 200).expect("writer gone");
+        drop((reader, second));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! concurrency: a thread's reads of its own regions must match the model byte for byte, reads
 //! of anything else must merely succeed. Regions are laid out around L2 table boundaries, so
 //! writes cross clusters and L2 tables. The seed is fixed (override with `STRESS_SEED`) and
-//! printed in every failure.
+//! printed in every failure. Half the reads are made as the NBD server makes them, with
+//! `read_if_cached` first.
 
 use imgstream_block::{ChainOptions, Disk};
 use rand::rngs::StdRng;
@@ -48,6 +49,20 @@ fn run_ok(tool: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// A guest read, as the NBD server makes it when `cached_first`: the non-blocking attempt
+/// first, the full read only if that gives up. Both must see what the model says.
+fn read(
+    disk: &Disk,
+    offset: u64,
+    buf: &mut [u8],
+    cached_first: bool,
+) -> imgstream_block::Result<()> {
+    if cached_first && disk.read_if_cached(offset, buf)? {
+        return Ok(());
+    }
+    disk.read(offset, buf)
 }
 
 fn s(p: &Path) -> &str {
@@ -219,7 +234,7 @@ fn region_worker(
         match rng.gen_range(0..100) {
             0..=24 => {
                 let mut buf = vec![0u8; len as usize];
-                disk.read(guest, &mut buf)
+                read(disk, guest, &mut buf, rng.gen())
                     .unwrap_or_else(|e| panic!("{}", ctx(op, &format!("read failed: {e}"))));
                 if let Some(i) = (0..buf.len()).find(|&i| buf[i] != expected[off as usize + i]) {
                     panic!(
@@ -241,7 +256,7 @@ fn region_worker(
                 let at = rng.gen_range(0..layout.size - 1);
                 let n = rng.gen_range(1..=(4 * cs).min(layout.size - at));
                 let mut buf = vec![0u8; n as usize];
-                disk.read(at, &mut buf).unwrap_or_else(|e| {
+                read(disk, at, &mut buf, rng.gen()).unwrap_or_else(|e| {
                     panic!("{}", ctx(op, &format!("read {at}+{n} failed: {e}")))
                 });
             }
@@ -316,7 +331,7 @@ fn hammer(disk: &Disk, config: &Config, layout: &Layout, seed: u64) -> Vec<u64> 
                     let count = rng.gen_range(1..=HAMMER_CLUSTERS - first);
                     if rng.gen_ratio(1, 3) {
                         let mut buf = vec![0u8; (count * cs) as usize];
-                        disk.read(start + first * cs, &mut buf).unwrap();
+                        read(disk, start + first * cs, &mut buf, rng.gen()).unwrap();
                         for (i, cluster) in buf.chunks_exact(cs as usize).enumerate() {
                             let tag = uniform_tag(cluster);
                             assert!(

@@ -33,6 +33,10 @@ impl ExportBackend for DiskExport {
         self.disk.read(offset, buf).map_err(backend_error)
     }
 
+    fn read_if_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool, BackendError> {
+        self.disk.read_if_cached(offset, buf).map_err(backend_error)
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         self.disk.write(offset, data, fua).map_err(backend_error)
     }

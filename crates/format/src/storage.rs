@@ -26,6 +26,12 @@ pub enum Writeback {
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end read as zeroes.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// [`read_at`](Self::read_at) if every byte is in memory already (a file's page cache),
+    /// without waiting for the device; `false` when it would have to wait (then `buf` holds
+    /// nothing useful). Lets a caller that must not block answer most reads itself.
+    fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> Result<bool> {
+        Ok(false)
+    }
     /// Writes all of `buf` at `offset`, growing the storage if needed.
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
     /// Makes every completed write durable.
@@ -137,6 +143,43 @@ impl Drop for FileStorage {
 }
 
 impl Storage for FileStorage {
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            let at = (offset + done as u64) as libc::off_t;
+            // SAFETY: one iovec over `rest`, which lives and is exclusively borrowed for the
+            // call. RWF_NOWAIT: fail with EAGAIN rather than wait for the device.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+            match n {
+                0 => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                n if n > 0 => done += n as usize,
+                _ => {
+                    let error = std::io::Error::last_os_error();
+                    match error.raw_os_error() {
+                        Some(libc::EINTR) => {}
+                        // Not cached (EAGAIN), or no RWF_NOWAIT here (EOPNOTSUPP): wait.
+                        Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINVAL) => return Ok(false),
+                        _ => {
+                            return Err(Error::io(
+                                format!("Read of '{}' at {offset} failed", self.path.display()),
+                                error,
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let mut done = 0;
         while done < buf.len() {
@@ -494,6 +537,35 @@ mod tests {
             (0, 0),
             "after a start, awaiting returns once the whole range has reached the device"
         );
+    }
+
+    #[test]
+    fn cached_reads_answer_from_the_page_cache_and_give_up_when_the_device_is_needed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage = FileStorage::create(&dir.path().join("file")).expect("create");
+        let data: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
+        storage.write_at(0, &data).expect("write");
+        let mut buf = vec![0u8; 8192];
+        assert!(storage.read_cached(4096, &mut buf).expect("read"));
+        assert_eq!(buf, data[4096..12288]);
+        // Past the end reads as zeroes, as read_at does.
+        let mut tail = vec![1u8; 8192];
+        assert!(storage.read_cached(60 << 10, &mut tail).expect("read"));
+        assert_eq!(tail[..4096], data[60 << 10..]);
+        assert!(tail[4096..].iter().all(|&b| b == 0));
+        // Written out and dropped from the page cache, the bytes need the device.
+        storage.flush().expect("flush");
+        // SAFETY: plain syscall on an open descriptor.
+        let dropped = unsafe {
+            libc::posix_fadvise(storage.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
+        assert_eq!(dropped, 0);
+        assert!(
+            !storage.read_cached(4096, &mut buf).expect("read"),
+            "a page-cache miss must not be waited for (needs a disk file system, not tmpfs)"
+        );
+        storage.read_at(4096, &mut buf).expect("read");
+        assert_eq!(buf, data[4096..12288]);
     }
 
     #[test]

@@ -62,6 +62,12 @@ pub trait ExportBackend: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// Fills `buf` with the bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
+    /// [`read`](Self::read) if it can be done at once, without waiting for a lock or the
+    /// device; `Ok(false)` otherwise (then `buf` holds nothing useful). Called on the server's
+    /// event loop, which then needs no thread for the read: it must not block.
+    fn read_if_cached(&self, _offset: u64, _buf: &mut [u8]) -> Result<bool, BackendError> {
+        Ok(false)
+    }
     /// Writes `data` at `offset`; with `fua`, durably before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
     /// Makes `len` bytes at `offset` read as zeroes. With `may_unmap` the
