@@ -3,7 +3,7 @@
 
 use crate::chain::Layer;
 use crate::{Disk, Error, Result};
-use imgstream_format::{Mapping, Writeback};
+use imgstream_format::{Extent, ImageFormat, Mapping, Writeback};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, TryLockError};
 
@@ -17,8 +17,19 @@ const ZERO_CHUNK: u64 = 1 << 20;
 enum Fetch {
     /// Whatever it takes.
     Wait,
-    /// Only bytes already in memory; anything else (or a compressed cluster) gives up.
+    /// Only what needs no waiting: mappings from free metadata locks and cached tables, bytes
+    /// already in memory. Anything else (or a compressed cluster) gives up.
     CachedOnly,
+}
+
+impl Fetch {
+    /// The layer's mapping from `offset`, or `None` where this fetch gives up.
+    fn map(self, image: &dyn ImageFormat, offset: u64, max: u64) -> Result<Option<Extent>> {
+        match self {
+            Fetch::Wait => image.map(offset, max).map(Some),
+            Fetch::CachedOnly => image.map_if_free(offset, max),
+        }
+    }
 }
 
 /// Reads guest bytes at `offset` as layer `depth` and those below see them.
@@ -55,7 +66,9 @@ fn read_through_with(
             buf[done..].fill(0);
             break;
         }
-        let extent = image.map(pos, rest as u64)?;
+        let Some(extent) = fetch.map(image.as_ref(), pos, rest as u64)? else {
+            return Ok(false);
+        };
         let n = (extent.length as usize).min(rest);
         let piece = &mut buf[done..done + n];
         match extent.mapping {
@@ -122,7 +135,11 @@ impl Disk {
             Err(TryLockError::WouldBlock) => return Ok(false),
         };
         let limit = self.copy_on_read_limit.load(Ordering::SeqCst);
-        if limit > 1 && self.writable && !self.top_defines(&layers, offset, buf.len() as u64)? {
+        if limit > 1
+            && self.writable
+            && self.top_defines_with(&layers, offset, buf.len() as u64, Fetch::CachedOnly)?
+                != Some(true)
+        {
             return Ok(false);
         }
         let (first, last) = (
@@ -139,17 +156,31 @@ impl Disk {
     /// copy up and need not serialise against anything (QEMU's COR filter checks the same).
     /// A range the top defines stays defined, so the answer cannot go stale.
     fn top_defines(&self, layers: &[Arc<Layer>], offset: u64, length: u64) -> Result<bool> {
+        self.top_defines_with(layers, offset, length, Fetch::Wait)
+            .map(|defines| defines == Some(true))
+    }
+
+    /// [`Disk::top_defines`], `None` where `fetch` gives up.
+    fn top_defines_with(
+        &self,
+        layers: &[Arc<Layer>],
+        offset: u64,
+        length: u64,
+        fetch: Fetch,
+    ) -> Result<Option<bool>> {
         let image = &top_of(layers)?.image;
         let end = offset + length;
         let mut pos = offset;
         while pos < end {
-            let extent = image.map(pos, end - pos)?;
+            let Some(extent) = fetch.map(image.as_ref(), pos, end - pos)? else {
+                return Ok(None);
+            };
             if !extent.mapping.is_allocated() {
-                return Ok(false);
+                return Ok(Some(false));
             }
             pos += extent.length;
         }
-        Ok(true)
+        Ok(Some(true))
     }
 
     /// Writes guest bytes; with `fua`, they are durable when this returns.

@@ -186,6 +186,13 @@ pub trait ImageFormat: Send + Sync + std::fmt::Debug {
     /// The returned extent is never empty.
     fn map(&self, offset: u64, max_length: u64) -> Result<Extent>;
 
+    /// [`map`](Self::map) if that needs no waiting: the metadata lock is free and the table
+    /// needed is in memory (no table read, eviction or write-back). `None` otherwise. May
+    /// describe less than `map` would. For callers that must not block, such as an event loop.
+    fn map_if_free(&self, offset: u64, max_length: u64) -> Result<Option<Extent>> {
+        self.map(offset, max_length).map(Some)
+    }
+
     /// Decompresses the cluster described by a [`Mapping::Compressed`] into `cluster`
     /// (exactly one cluster long).
     fn read_compressed(&self, _descriptor: u64, _cluster: &mut [u8]) -> Result<()> {

@@ -1,6 +1,7 @@
 //! What a flush costs the guest's other requests: a flush after writes that changed no table
-//! syncs once, without the metadata lock that every guest request needs to find its clusters;
-//! one after an allocation also writes the tables back, in order, under that lock.
+//! syncs once, without the metadata lock that every guest request needs to find its clusters.
+//! (One after an allocation also writes the tables back, in order, from a copy taken under
+//! that lock: the racing power-loss tests show it does not hold the lock through its syncs.)
 
 use imgstream_format::recording::{MemoryStorage, Operation, RecordingStorage};
 use imgstream_format::{

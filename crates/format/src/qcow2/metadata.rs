@@ -364,6 +364,15 @@ impl Metadata {
         })
     }
 
+    /// Where the L2 table that maps guest byte `offset` ends (in guest bytes), and whether
+    /// mapping up to there needs no table read: the table is cached, or there is none.
+    pub fn l2_table_cached(&self, offset: u64) -> Result<(u64, bool)> {
+        let span = self.l2_entries * self.cluster_size;
+        let l2_offset = self.l2_offset_for(offset / span)?;
+        let cached = l2_offset == 0 || self.l2_cache.slots.contains_key(&l2_offset);
+        Ok(((offset / span + 1) * span, cached))
+    }
+
     /// Describes guest bytes from `offset` up to `end`, merging clusters that map alike.
     pub fn map(&mut self, offset: u64, end: u64) -> Result<crate::Extent> {
         let cs = self.cluster_size;

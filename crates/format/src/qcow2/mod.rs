@@ -246,6 +246,25 @@ impl ImageFormat for Qcow2 {
         meta.map(offset, end)
     }
 
+    fn map_if_free(&self, offset: u64, max_length: u64) -> Result<Option<Extent>> {
+        let end = offset.saturating_add(max_length).min(self.size);
+        if offset >= end {
+            return self.map(offset, max_length).map(Some);
+        }
+        let mut meta = match self.meta.try_lock() {
+            Ok(meta) => meta,
+            Err(TryLockError::WouldBlock) => return Ok(None),
+            Err(TryLockError::Poisoned(_)) => return self.meta().map(|_| None),
+        };
+        // No make_room: it may write back. The caches stay over their bound until the next
+        // request that may wait.
+        let (table_end, cached) = meta.l2_table_cached(offset)?;
+        if !cached {
+            return Ok(None);
+        }
+        meta.map(offset, end.min(table_end)).map(Some)
+    }
+
     fn read_compressed(&self, descriptor: u64, cluster: &mut [u8]) -> Result<()> {
         let (offset, length, compression) = {
             let meta = self.meta()?;

@@ -436,6 +436,31 @@ impl Qed {
         Ok(())
     }
 
+    /// [`ImageFormat::map`] of `wanted` (> 0, within the disk) bytes from `offset`.
+    fn map_locked(&self, meta: &mut Metadata, offset: u64, wanted: u64) -> Result<Extent> {
+        let (mapping, mut length) = self.lookup(meta, offset)?;
+        while length < wanted {
+            let (next, run) = self.lookup(meta, offset + length)?;
+            let continues = match (mapping, next) {
+                (
+                    Mapping::Data { host_offset, .. },
+                    Mapping::Data {
+                        host_offset: next, ..
+                    },
+                ) => next == host_offset + length,
+                (first, next) => first == next,
+            };
+            if !continues {
+                break;
+            }
+            length += run;
+        }
+        Ok(Extent {
+            mapping,
+            length: length.min(wanted),
+        })
+    }
+
     /// The whole write-back (`write_back.rs`) under the caller's metadata lock, for callers
     /// that hold it anyway (the header rewrite, the check). The flush does it without.
     fn write_back_locked(&self, meta: &mut Metadata, clear_need_check: bool) -> Result<()> {
@@ -505,27 +530,29 @@ impl ImageFormat for Qed {
             )));
         }
         let mut meta = self.lock();
-        let (mapping, mut length) = self.lookup(&mut meta, offset)?;
-        while length < wanted {
-            let (next, run) = self.lookup(&mut meta, offset + length)?;
-            let continues = match (mapping, next) {
-                (
-                    Mapping::Data { host_offset, .. },
-                    Mapping::Data {
-                        host_offset: next, ..
-                    },
-                ) => next == host_offset + length,
-                (first, next) => first == next,
-            };
-            if !continues {
-                break;
-            }
-            length += run;
+        self.map_locked(&mut meta, offset, wanted)
+    }
+
+    fn map_if_free(&self, offset: u64, max_length: u64) -> Result<Option<Extent>> {
+        let wanted = max_length.min(self.virtual_size.saturating_sub(offset));
+        if wanted == 0 {
+            return self.map(offset, max_length).map(Some);
         }
-        Ok(Extent {
-            mapping,
-            length: length.min(wanted),
-        })
+        let mut meta = match self.meta.try_lock() {
+            Ok(meta) => meta,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(None),
+        };
+        // Within one L2 table, and only if it is cached: loading one may evict, which writes.
+        let (l1_index, _, _) = self.split(&meta.header, offset);
+        let l2_offset = self.l2_offset(&meta, l1_index)?;
+        if l2_offset != UNALLOCATED && !meta.l2.contains(l2_offset) {
+            return Ok(None);
+        }
+        let span = meta.header.l2_span();
+        let in_table = span - offset % span;
+        self.map_locked(&mut meta, offset, wanted.min(in_table))
+            .map(Some)
     }
 
     fn allocate_clusters(&self, count: u64) -> Result<u64> {
