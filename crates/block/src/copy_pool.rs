@@ -3,7 +3,7 @@
 //!
 //! Spawning threads and mapping fresh zeroed buffers for every run cost about as much as
 //! the copy itself on a fragmented chain, so both are kept for the life of the process.
-//! The threads run at the lowest CPU priority, below the threads serving the guest.
+//! The threads run at a low CPU priority, below the threads serving the guest.
 
 use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
@@ -38,12 +38,18 @@ pub(crate) fn pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// Nice value of the copy-up threads: the lowest CPU priority. Copy-up is background work;
-/// on a busy host the guest's requests (served by other threads) must not wait behind it.
-/// Measured with bench/serve.py (stream+fio, 5 runs a series): the guest's read p99 during a
-/// stream went from 10.9 to 2.9 ms (4 MiB steps) and from 12.4 to 8.4 ms (1 MiB steps, slow
-/// disk) between nice 0 and nice 19, with the stream no slower.
-const COPY_THREAD_NICE: libc::c_int = 19;
+/// Nice value of the copy-up threads: well below the guest's threads, not the lowest. Copy-up
+/// is background work; on a busy host the guest's requests (served by other threads) must not
+/// wait behind it. Measured with bench/serve.py (stream+fio, 5 runs a series): the guest's read
+/// p99 during a stream went from 10.9 to 2.9 ms (4 MiB steps) and from 12.4 to 8.4 ms (1 MiB
+/// steps, slow disk) between nice 0 and nice 19, with the stream no slower. Once the server
+/// answered cached reads on its event loop, a guest saturating its disk took the CPU that a
+/// nice-19 stream only gets when nothing else wants it: the stream took 0.86-0.99x QSD's time.
+/// At nice 10 (6 runs interleaved with nice 19, nice 5 and QSD, medians of per-run ratios),
+/// stream+fio: stream 0.58x QSD's time against 0.86x, guest read/write p99 0.90/1.17x against
+/// 0.82/1.19x; stream+fio-rate: 0.68x against 0.74x, p99 0.90/0.85x against 0.83/0.89x (nice
+/// 5: 0.67x, p99 1.10/1.08x).
+const COPY_THREAD_NICE: libc::c_int = 10;
 
 /// Makes the calling thread a background copier, for the copy-up threads and for a job's
 /// own thread, which copies too: [`COPY_THREAD_NICE`] (on Linux, nice is per thread), file

@@ -1,5 +1,5 @@
-//! Background writers: for each file that background threads (a stream's copy threads, at the
-//! lowest CPU priority) write to, one thread at normal priority that makes those writes for
+//! Background writers: for each file that background threads (a stream's copy threads, at a
+//! low CPU priority) write to, one thread at normal priority that makes those writes for
 //! them.
 //!
 //! A buffered write holds the file's inode lock in the kernel, and a guest write to the same
@@ -8,7 +8,8 @@
 //! Perf showed the copy threads preempted inside `pwrite` ~2000 times in one 4 s stream, up to
 //! 0.85 ms each, while guest writes queued behind the one waiting for them (guest p99 10 ms
 //! against QSD's 3). Here the copying (reading the backing data, looking for zeroes) stays at
-//! nice 19 and only the copy into the page cache runs at normal priority. 6 runs of stream+fio
+//! the copy threads' low priority (nice 19 then, nice 10 now) and only the copy into the page
+//! cache runs at normal priority. 6 runs of stream+fio
 //! interleaved with QSD and the previous build (medians of per-run ratios to QSD): guest p99
 //! 0.75x/0.77x QSD's against 0.84x/0.90x, guest IOPS 1.54x against 1.37x, stream time the same
 //! (0.89x) (bench/results/serve-2026-11-27-background-turns.md).
