@@ -4,7 +4,7 @@
 //!
 //! Crash-safety argument (see docs/crash-safety.md): metadata changes are made in memory and
 //! written back by a [`WriteBackPlan`] in the order
-//! data and refcount blocks → refcount table → header → L2 tables → L1 table,
+//! data → refcount blocks → refcount table → header → L2 tables → L1 table,
 //! with a flush between stages that depend on each other. Hence on disk, at every moment:
 //! every L2/L1 entry points at durable data or a durable table, and every cluster that an entry
 //! points at has a durable refcount ≥ 1. Clusters released in memory are only handed back to

@@ -32,11 +32,18 @@ impl WriteBackPlan {
     /// Writes the plan in dependency order. Returns once it is durable, with every guest write
     /// that completed before the plan was taken.
     pub fn write(&self, storage: &dyn Storage) -> Result<()> {
-        for table in &self.refblocks {
-            storage.write_at(table.offset, &table.bytes)?;
-        }
-        // Guest data and refcounts must be durable before any table entry that points at them.
+        // Guest data must be durable before any table entry that points at it, and before the
+        // refcounts that claim its clusters: a refcount made durable for a cluster past the
+        // file's durable end is a leak that `qemu-img check` cannot see (it checks up to the end
+        // of the file) until the file grows over it.
         storage.flush()?;
+        if !self.refblocks.is_empty() {
+            for table in &self.refblocks {
+                storage.write_at(table.offset, &table.bytes)?;
+            }
+            // Refcounts must be durable before any table entry that relies on them.
+            storage.flush()?;
+        }
         if let Some(table) = &self.reftable {
             storage.write_at(table.offset, &table.bytes)?;
             // The refcount table must be durable before the header or an L2 entry relies on it.
