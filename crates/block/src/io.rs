@@ -120,10 +120,10 @@ impl Disk {
     }
 
     /// [`Disk::read`] if that needs no waiting: nothing to copy up, no write to the range under
-    /// way, the chain not being changed, and every byte in memory (page cache). `false`:
-    /// nothing useful was read, call [`Disk::read`]. A server's event loop answers most guest
-    /// reads this way without handing them to a thread. (A table the format has not cached is
-    /// still read from its file.)
+    /// way, the chain not being changed, every layer's metadata lock free and the tables
+    /// needed cached ([`ImageFormat::map_if_free`]), and every byte in memory (page cache).
+    /// `false`: nothing useful was read, call [`Disk::read`]. A server's event loop answers
+    /// most guest reads this way without handing them to a thread.
     pub fn read_if_cached(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
         self.check_range(offset, buf.len() as u64)?;
         if buf.is_empty() {
