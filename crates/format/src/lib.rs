@@ -234,6 +234,11 @@ pub trait ImageFormat: Send + Sync + std::fmt::Debug {
     /// either the old header or the new one.
     fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()>;
 
+    /// Fails as [`set_backing`](Self::set_backing) would fail for `backing` (a name too long,
+    /// a format that records none), writing nothing: a header change scheduled for later is
+    /// checked when it is scheduled.
+    fn check_backing(&self, backing: Option<&BackingRef>) -> Result<()>;
+
     /// Checks metadata consistency and optionally repairs.
     fn check(&self, repair: RepairMode) -> Result<CheckReport>;
 }

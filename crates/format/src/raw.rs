@@ -122,7 +122,11 @@ impl ImageFormat for Raw {
         self.storage.flush()
     }
 
-    fn set_backing(&self, _backing: Option<&BackingRef>) -> Result<()> {
+    fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        self.check_backing(backing)
+    }
+
+    fn check_backing(&self, _backing: Option<&BackingRef>) -> Result<()> {
         Err(Error::unsupported(
             "The raw format cannot record a backing file",
         ))

@@ -331,7 +331,21 @@ impl ImageFormat for Qcow2 {
         }
     }
 
+    fn check_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        match backing {
+            Some(backing) if backing.name.len() > crate::MAX_BACKING_NAME => {
+                Err(Error::invalid(format!(
+                    "Backing file name too long ({} bytes, at most {})",
+                    backing.name.len(),
+                    crate::MAX_BACKING_NAME
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        self.check_backing(backing)?;
         let _writing = self.write_back_lock()?;
         let mut meta = self.writable_meta()?;
         // Pending table changes go first, so the header we write describes durable tables.
@@ -340,13 +354,6 @@ impl ImageFormat for Qcow2 {
         header.extensions.retain(|e| e.kind != EXT_BACKING_FORMAT);
         header.backing_name = None;
         if let Some(backing) = backing {
-            if backing.name.len() > crate::MAX_BACKING_NAME {
-                return Err(Error::invalid(format!(
-                    "Backing file name too long ({} bytes, at most {})",
-                    backing.name.len(),
-                    crate::MAX_BACKING_NAME
-                )));
-            }
             header.backing_name = Some(backing.name.clone());
             if let Some(format) = &backing.format {
                 header.extensions.insert(

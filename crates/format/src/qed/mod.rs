@@ -620,8 +620,7 @@ impl ImageFormat for Qed {
         self.lock().end_write_back(plan, written)
     }
 
-    fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
-        self.ensure_writable()?;
+    fn check_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
         let name = backing.map_or("", |b| b.name.as_str());
         if name.len() > MAX_BACKING_NAME {
             return Err(Error::invalid(format!(
@@ -629,15 +628,23 @@ impl ImageFormat for Qed {
                 name.len()
             )));
         }
+        // The header's size never changes, so this holds until the header is written.
         let write_len = HEADER_LEN + name.len();
-        let _writing = self.write_back_lock();
-        let mut meta = self.lock();
-        if write_len as u64 > meta.header.header_bytes() || write_len > MAX_HEADER_WRITE {
+        if write_len as u64 > self.lock().header.header_bytes() || write_len > MAX_HEADER_WRITE {
             return Err(Error::invalid(format!(
                 "Backing file name of {} bytes does not fit in the QED header",
                 name.len()
             )));
         }
+        Ok(())
+    }
+
+    fn set_backing(&self, backing: Option<&BackingRef>) -> Result<()> {
+        self.ensure_writable()?;
+        self.check_backing(backing)?;
+        let name = backing.map_or("", |b| b.name.as_str());
+        let _writing = self.write_back_lock();
+        let mut meta = self.lock();
         // Pending metadata goes first, so that the header we then write is final and clean.
         self.write_back_locked(&mut meta, true)?;
         let mut header = meta.header.clone();
