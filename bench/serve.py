@@ -270,8 +270,9 @@ def verify(dir, expected, streamed):
 
 def fsync_s(dir):
     """Seconds an fsync of the top file takes: how long after BLOCK_JOB_COMPLETED the streamed
-    data is durable. (imgstream flushes before the event; QSD's data is still in the page
-    cache then, and its header rewrite too.)"""
+    data is durable. (Neither daemon waits for the device before the event: QSD's data and
+    header rewrite are in the page cache then; imgstream's data too, its header change waits
+    for the flush it starts at the event, which this fsync runs alongside.)"""
     start = time.monotonic()
     fd = os.open(os.path.join(dir, "top.qcow2"), os.O_RDONLY)
     try:
@@ -369,7 +370,7 @@ def main():
              f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}: "
              f"nbd engine, one connection, randrw 4k, rwmixread=70, iodepth=16, confined to the second half of the disk; "
              f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED; stream+fio-rate is the same with fio held to {FIO_RATE_IOPS} IOPS (--rate_iops, 70/30); fio-flush is fio alone with a flush after every {FIO_FLUSH_EVERY} writes (--fsync). "
-             f"until durable = stream wall + an fsync of the top file issued at BLOCK_JOB_COMPLETED (imgstream flushes before that event, QSD does not). "
+             f"until durable = stream wall + an fsync of the top file issued at BLOCK_JOB_COMPLETED (neither daemon flushes before that event; imgstream starts a flush at it and rewrites its header after). "
              f"Medians of {RUNS} runs (min–max), each on a fresh copy of the chain, after one discarded run of each daemon. "
              f"verify = qemu-img check clean, no backing file after a stream, first half byte-equal to the original chain.",
              "",

@@ -14,6 +14,8 @@ use imgstream_tests::{KIB, MIB};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 const DISK_SIZE: u64 = 64 * MIB;
@@ -140,18 +142,67 @@ fn backing_filename(top: &Path) -> Result<Option<String>> {
     Ok(info["backing-filename"].as_str().map(str::to_string))
 }
 
-/// `ctl watch` until the end; returns the final event, which must be a completion without
-/// error.
-fn watch_to_completion(daemon: &Daemon) -> Result<Value> {
-    let out = daemon.ctl_ok(&["watch", "disk"])?;
-    let last = out.stdout.lines().last().unwrap_or_default();
-    let event: Value = serde_json::from_str(last)
-        .with_context(|| format!("ctl watch's last line is not an event:\n{}", out.describe()))?;
+/// The backing file the top's header names on disk, read while the daemon has it open.
+fn backing_filename_on_disk(top: &Path) -> Result<Option<String>> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", "-f", "qcow2"])
+        .arg(top)
+        .output()?;
     ensure!(
-        event["event"] == "BLOCK_JOB_COMPLETED" && event["data"].get("error").is_none(),
-        "the stream did not complete: {event}"
+        out.status.success(),
+        "qemu-img info -U failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    Ok(event)
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(info["backing-filename"].as_str().map(str::to_string))
+}
+
+/// A QMP monitor of the daemon's, connected before the command whose events it must see: an
+/// event is only sent to the monitors connected when it happens, and a stream that is not
+/// throttled can end before a monitor opened after it (`ctl watch`) has subscribed.
+struct EventMonitor {
+    reader: BufReader<UnixStream>,
+}
+
+impl EventMonitor {
+    fn connect(daemon: &Daemon) -> Result<EventMonitor> {
+        let stream = UnixStream::connect(&daemon.qmp)?;
+        // A guard against a hang, not a timing: a stream here ends in seconds.
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+        let mut writer = stream.try_clone()?;
+        let mut monitor = EventMonitor {
+            reader: BufReader::new(stream),
+        };
+        monitor.next()?; // the greeting
+        writer.write_all(b"{\"execute\": \"qmp_capabilities\"}\n")?;
+        let reply = monitor.next()?;
+        ensure!(reply.get("return").is_some(), "qmp_capabilities: {reply}");
+        Ok(monitor)
+    }
+
+    fn next(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        ensure!(self.reader.read_line(&mut line)? > 0, "the monitor closed");
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// Waits for the job's final event, which must be a completion without error.
+    fn wait_for_completion(&mut self) -> Result<Value> {
+        loop {
+            let event = self.next()?;
+            match event["event"].as_str() {
+                Some("BLOCK_JOB_COMPLETED") => {
+                    ensure!(
+                        event["data"].get("error").is_none(),
+                        "the stream failed: {event}"
+                    );
+                    return Ok(event);
+                }
+                Some("BLOCK_JOB_CANCELLED") => anyhow::bail!("the stream was cancelled: {event}"),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// A throttled stream with the guest working through it, then unthrottled to the end.
@@ -171,9 +222,10 @@ fn stream_under_guest_io(
         .job()?
         .context("the stream ended before the guest did: lower its speed")?;
     ensure!(job["status"] == "running", "{job}");
+    let mut monitor = EventMonitor::connect(daemon)?;
     daemon.ctl_ok(&["set-speed", "disk", "1G"])?;
     ensure!(daemon.job()?.map(|j| j["speed"] == 1 << 30).unwrap_or(true));
-    let event = watch_to_completion(daemon)?;
+    let event = monitor.wait_for_completion()?;
     ensure!(event["data"]["offset"] == event["data"]["len"], "{event}");
     guest.check_all()?;
     guest.client.flush()?;
@@ -193,6 +245,11 @@ fn full_stream_under_guest_writes_leaves_a_standalone_image_equal_to_the_model()
     let (chain, top) = served_chain(t.path())?;
     let daemon = Daemon::serve(t.path(), &[("disk", &top)], &[])?;
     let model = stream_under_guest_io(&daemon, chain.expected().clone(), SLOW_SPEED, &[])?;
+    // The header changes in a flush after the event; the guest's own flush waits for it.
+    ensure!(
+        backing_filename_on_disk(&top)?.is_none(),
+        "a guest flush after BLOCK_JOB_COMPLETED left the old header on disk"
+    );
     daemon.stop()?;
     ensure!(backing_filename(&top)?.is_none(), "a backing file is left");
     qemu::check_clean(&top, "qcow2")?;
@@ -212,6 +269,11 @@ fn stream_with_base_node_keeps_the_base_and_names_it_in_the_header() -> Result<(
         SLOW_SPEED_WITH_BASE,
         &["--base-node", "disk.2"],
     )?;
+    let on_disk = backing_filename_on_disk(&top)?.context("the guest's flush dropped the base")?;
+    ensure!(
+        on_disk.ends_with("layer0.raw"),
+        "backing file on disk {on_disk}"
+    );
     daemon.stop()?;
     let backing = backing_filename(&top)?.context("the base was dropped")?;
     ensure!(backing.ends_with("layer0.raw"), "backing file {backing}");
@@ -254,8 +316,9 @@ fn sigkill_mid_stream_keeps_flushed_writes_and_a_restarted_stream_completes() ->
     image_equals_model(&top, &model, "model-after-kill.raw")?;
 
     let daemon = Daemon::serve(t.path(), &[("disk", &top)], &[])?;
+    let mut monitor = EventMonitor::connect(&daemon)?;
     daemon.ctl_ok(&["stream", "disk"])?;
-    watch_to_completion(&daemon)?;
+    monitor.wait_for_completion()?;
     daemon.stop()?;
     ensure!(backing_filename(&top)?.is_none(), "a backing file is left");
     let check = qemu::check(&top, Some("qcow2"), None)?;

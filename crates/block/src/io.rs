@@ -305,7 +305,7 @@ impl Disk {
         if image.zero_clusters(start, count)? {
             return Ok(());
         }
-        if layers.len() == 1 {
+        if self.unallocated_reads_zero(layers) {
             // Without a backing image, unallocated clusters read as zeroes.
             image.unmap_clusters(start, count)?;
             return Ok(());
@@ -373,7 +373,7 @@ impl Disk {
         }
         let _guard = self.locks.exclusive(start, end);
         let count = (end - start) / self.cluster_size;
-        if !top.image.zero_clusters(start, count)? && layers.len() == 1 {
+        if !top.image.zero_clusters(start, count)? && self.unallocated_reads_zero(&layers) {
             top.image.unmap_clusters(start, count)?;
         }
         Ok(())
@@ -414,7 +414,11 @@ impl Disk {
             return Ok(());
         }
         let layers = self.read_layers();
-        top_of(&layers)?.image.flush()
+        let top = top_of(&layers)?;
+        let flushed = top.image.flush();
+        // Only now: the header may stop naming the old chain once what replaced it is durable.
+        self.settle_header_change(top, &flushed)?;
+        flushed
     }
 }
 

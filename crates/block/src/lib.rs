@@ -21,14 +21,20 @@ pub use status::Status;
 
 use range_lock::RangeLocks;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// An image and its backing chain, as the guest sees it.
 #[derive(Debug)]
 pub struct Disk {
     /// Top first. Replaced only when a stream job completes (with all I/O held).
     layers: RwLock<Vec<Arc<Layer>>>,
+    /// The header change a completed stream job scheduled, until a flush writes it. Its lock
+    /// keeps header writes one at a time.
+    header_change: Mutex<HeaderChange>,
+    /// Whether the header on disk may still name layers the chain no longer has (a change
+    /// scheduled or abandoned), for the I/O paths that must not take `header_change`'s lock.
+    header_pending: AtomicBool,
     locks: RangeLocks,
     size: u64,
     cluster_size: u64,
@@ -55,6 +61,8 @@ impl Disk {
             cluster_size,
             writable,
             copy_on_read_limit: AtomicUsize::new(0),
+            header_change: Mutex::new(HeaderChange::None),
+            header_pending: AtomicBool::new(false),
         }
     }
 
@@ -70,6 +78,8 @@ impl Disk {
             cluster_size,
             writable,
             copy_on_read_limit: AtomicUsize::new(0),
+            header_change: Mutex::new(HeaderChange::None),
+            header_pending: AtomicBool::new(false),
         }
     }
 
@@ -122,21 +132,81 @@ impl Disk {
         self.copy_on_read_limit.store(limit, Ordering::SeqCst);
     }
 
-    /// Rewrites the top's header to name `backing` (or nothing) and drops layers
-    /// `1..base_depth` from the chain. All guest I/O is held (not failed) meanwhile.
+    /// Drops layers `1..base_depth` from the chain, and schedules the top's header to name
+    /// `backing` (or nothing). All guest I/O is held (not failed) meanwhile, briefly: nothing
+    /// is written here.
+    ///
+    /// The next [`flush`](Self::flush) rewrites the header, once everything written before it
+    /// is durable (as does dropping the disk). Until then the file still names the old chain,
+    /// which reads the same wherever the guest can tell: the job copied what the dropped layers
+    /// defined, and unallocated clusters are not unmapped while the old header may be the one
+    /// on disk. A crash in between leaves the old header, valid, and a new stream finishes the
+    /// job (docs/crash-safety.md).
     pub fn replace_backing(&self, base_depth: usize, backing: Option<&BackingRef>) -> Result<()> {
         let mut layers = self.write_layers();
-        let top = layers
-            .first()
-            .ok_or_else(|| Error::invalid("Disk has no layers"))?
-            .clone();
-        top.image.flush()?;
-        top.image.set_backing(backing)?;
+        io::top_of(&layers)?.image.check_backing(backing)?;
+        *self.lock_header_change() = HeaderChange::Scheduled(backing.cloned());
+        self.header_pending.store(true, Ordering::SeqCst);
         let end = base_depth.min(layers.len());
         if end > 1 {
             layers.drain(1..end);
         }
         Ok(())
+    }
+
+    /// The backing file (or none) a scheduled header change will name, if one is scheduled.
+    pub fn scheduled_backing(&self) -> Option<Option<BackingRef>> {
+        match &*self.lock_header_change() {
+            HeaderChange::Scheduled(backing) => Some(backing.clone()),
+            HeaderChange::None | HeaderChange::Abandoned => None,
+        }
+    }
+
+    /// Whether the header on disk may still name layers the chain no longer has: a change is
+    /// scheduled and not yet durable, or was abandoned.
+    pub fn header_change_pending(&self) -> bool {
+        self.header_pending.load(Ordering::SeqCst)
+    }
+
+    /// After a flush of the top: writes the scheduled header change, if the flush succeeded;
+    /// abandons it if the flush failed. A flush that failed may have lost copied data, which
+    /// the old header still reads from the backing chain; the new one would read it as
+    /// unallocated. An abandoned change keeps the old header for good (for this process).
+    fn settle_header_change(&self, top: &Layer, flushed: &Result<()>) -> Result<()> {
+        let mut change = self.lock_header_change();
+        let HeaderChange::Scheduled(backing) = &*change else {
+            return Ok(());
+        };
+        if flushed.is_err() {
+            tracing::warn!("a flush failed after a stream completed: the image keeps naming its old backing file");
+            *change = HeaderChange::Abandoned;
+            return Ok(());
+        }
+        match top.image.set_backing(backing.as_ref()) {
+            Ok(()) => {
+                *change = HeaderChange::None;
+                self.header_pending.store(false, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(error) => {
+                // The header write may or may not have reached the disk: stay conservative.
+                *change = HeaderChange::Abandoned;
+                Err(error)
+            }
+        }
+    }
+
+    fn lock_header_change(&self) -> std::sync::MutexGuard<'_, HeaderChange> {
+        // Only ever replaced whole: a panic cannot leave it half-written.
+        self.header_change
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether unallocated clusters of the top read as zeroes in every header its file may
+    /// have after a crash: no backing layer now, and none named by a header not yet replaced.
+    fn unallocated_reads_zero(&self, layers: &[Arc<Layer>]) -> bool {
+        layers.len() == 1 && !self.header_change_pending()
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
@@ -162,5 +232,28 @@ impl Disk {
 
     fn align_up(&self, value: u64) -> u64 {
         value.div_ceil(self.cluster_size) * self.cluster_size
+    }
+}
+
+/// Where the top's header stands after [`Disk::replace_backing`].
+#[derive(Debug)]
+enum HeaderChange {
+    /// Nothing to write.
+    None,
+    /// To be written by the next successful flush: the new backing file (or none).
+    Scheduled(Option<BackingRef>),
+    /// A flush failed while it was scheduled: the old header stays.
+    Abandoned,
+}
+
+impl Drop for Disk {
+    /// Writes a scheduled header change, as the flush that closes an image in QEMU would.
+    fn drop(&mut self) {
+        let scheduled = matches!(*self.lock_header_change(), HeaderChange::Scheduled(_));
+        if self.writable && scheduled {
+            if let Err(error) = self.flush() {
+                tracing::warn!("the header change of a completed stream was not written: {error}");
+            }
+        }
     }
 }

@@ -166,6 +166,10 @@ fn manual_finalize_waits_in_pending_then_applies_and_waits_for_dismiss() {
         job.finalize().unwrap_err().0,
         "Job 'job0' in state 'concluded' cannot accept command verb 'finalize'"
     );
+    // Applied to the chain at once; the file's header follows in the next flush.
+    assert_eq!(disk.layers().len(), 1);
+    assert!(disk.header_change_pending());
+    disk.flush().unwrap();
     assert_eq!(backing_of(&f.top, "qcow2"), None);
     job.dismiss().unwrap();
     wait_status(&job, &events, JobStatus::Null);

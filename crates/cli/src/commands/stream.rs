@@ -125,6 +125,8 @@ pub fn run(args: Args) -> Result<u8> {
         rewrite_header_always: args.backing_file.is_some(),
         on_error,
         flush_interval: args.flush_interval,
+        // The command's end waits for the device: its writeback may as well overlap the copies.
+        write_back_as_copied: true,
     };
     let last_event: Arc<Mutex<Option<JobEvent>>> = Arc::new(Mutex::new(None));
     let json = args.json;
@@ -169,7 +171,14 @@ pub fn run(args: Args) -> Result<u8> {
     }
     let event = last_event.lock().ok().and_then(|e| e.clone());
     match event {
-        Some(JobEvent::Completed { error: None, .. }) => Ok(0),
+        Some(JobEvent::Completed { error: None, .. }) => {
+            // The job left its header change to this flush, which makes it durable after
+            // the copied data.
+            disk.flush().context(
+                "Could not flush the streamed image; its header still names its backing file",
+            )?;
+            Ok(0)
+        }
         Some(JobEvent::Completed {
             error: Some(error), ..
         }) => {

@@ -284,6 +284,7 @@ pub fn full_stream() -> StreamOptions {
         rewrite_header_always: false,
         on_error: OnError::Report,
         flush_interval: FLUSH_INTERVAL,
+        write_back_as_copied: false,
     }
 }
 

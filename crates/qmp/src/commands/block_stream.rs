@@ -204,6 +204,7 @@ pub async fn block_stream(daemon: &Arc<Daemon>, args: &Args) -> Result<Json, Qmp
             .str("on-error")
             .and_then(OnError::parse)
             .unwrap_or(OnError::Report);
+        let flush_after = imgstream_jobs::stream::flush_once_completed(node.disk.clone());
         let work = StreamJob::new(
             node.disk.clone(),
             StreamOptions {
@@ -212,6 +213,8 @@ pub async fn block_stream(daemon: &Arc<Daemon>, args: &Args) -> Result<Json, Qmp
                 rewrite_header_always: backing_file.is_some(),
                 on_error,
                 flush_interval: imgstream_jobs::stream::FLUSH_INTERVAL,
+                // The guest comes first; the flush at the event writes back what is left.
+                write_back_as_copied: false,
             },
         );
         let options = JobOptions {
@@ -222,8 +225,12 @@ pub async fn block_stream(daemon: &Arc<Daemon>, args: &Args) -> Result<Json, Qmp
         };
         // The registry stays locked until the job is in it, so that a job finishing at once
         // leaves it only after it was entered.
-        let job = Job::start(options, Box::new(work), vec![daemon.job_listener()])
-            .map_err(|e| QmpError::generic(e.message))?;
+        let job = Job::start(
+            options,
+            Box::new(work),
+            vec![daemon.job_listener(), flush_after],
+        )
+        .map_err(|e| QmpError::generic(e.message))?;
         registry.push(JobEntry {
             id: job_id.to_string(),
             job: job.clone(),

@@ -5,7 +5,7 @@ use crate::args::Args;
 use crate::json::Json;
 use crate::state::{Daemon, Node, ProtocolNode};
 use imgstream_block::chain::resolve_backing;
-use imgstream_block::{FormatKind, FormatSpecific, Layer};
+use imgstream_block::{BackingRef, FormatKind, FormatSpecific, Layer};
 use serde::Serialize;
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -93,9 +93,20 @@ struct NodeInfo {
     file: String,
 }
 
-fn image_info(layer: &Layer, below: &[Arc<Layer>]) -> ImageInfo {
+/// The backing file `layer`'s header names, as QEMU reports it. After a completed stream that
+/// is the one the header is about to name: our header changes in the flush the event starts,
+/// QEMU's in its cache before the event.
+fn header_backing(nodes: &[Node], layer: &Arc<Layer>) -> Option<BackingRef> {
+    nodes
+        .iter()
+        .find(|n| n.depth() == Some(0) && Arc::ptr_eq(&n.layer, layer))
+        .and_then(|n| n.disk.scheduled_backing())
+        .unwrap_or_else(|| layer.image.backing())
+}
+
+fn image_info(nodes: &[Node], layer: &Arc<Layer>, below: &[Arc<Layer>]) -> ImageInfo {
     let image = &layer.image;
-    let backing = image.backing();
+    let backing = header_backing(nodes, layer);
     let filename = layer.path.display().to_string();
     let format_specific = match image.format_specific() {
         FormatSpecific::Qcow2 {
@@ -121,7 +132,7 @@ fn image_info(layer: &Layer, below: &[Arc<Layer>]) -> ImageInfo {
     ImageInfo {
         backing_image: below
             .split_first()
-            .map(|(next, rest)| Box::new(image_info(next, rest))),
+            .map(|(next, rest)| Box::new(image_info(nodes, next, rest))),
         backing_filename_format: backing.as_ref().and_then(|b| b.format.clone()),
         virtual_size: image.virtual_size(),
         filename,
@@ -154,7 +165,7 @@ fn is_default(nodes: &[Node], chain: &[Arc<Layer>]) -> bool {
     if !explicit_backing(nodes, &chain[0]) {
         return true;
     }
-    match (chain[0].image.backing(), chain.get(1)) {
+    match (header_backing(nodes, &chain[0]), chain.get(1)) {
         (None, None) => true,
         (Some(header), Some(_)) => header.name == filename(nodes, &chain[1..]),
         _ => false,
@@ -215,7 +226,7 @@ fn node_info(node: &Node, nodes: &[Node], flat: bool) -> NodeInfo {
         None => vec![node.layer.clone()],
     };
     let below = &chain[1..];
-    let mut image = image_info(&node.layer, if flat { &[] } else { below });
+    let mut image = image_info(nodes, &node.layer, if flat { &[] } else { below });
     image.filename = filename(nodes, &chain);
     if flat {
         image.backing_image = None;
