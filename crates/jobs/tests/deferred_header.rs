@@ -6,11 +6,11 @@
 mod common;
 
 use common::*;
-use imgstream_format::recording::{power_loss_state, Operation, RecordingStorage};
+use imgstream_format::recording::{power_loss_state, Operation};
 use imgstream_format::{Error, Result, Storage};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// A top in qcow2 v2, which has no zero flag: with no backing layer, write-zeroes and discard
 /// may leave whole clusters unallocated.
@@ -39,13 +39,7 @@ fn stream_to_the_end(disk: &Arc<imgstream_block::Disk>) {
 fn the_header_names_the_old_chain_until_a_flush_and_guest_zeroes_read_the_same_under_both() {
     let f = v2_fixture();
     let pristine = std::fs::read(&f.top).unwrap();
-    let recorder: Arc<Mutex<Option<Arc<RecordingStorage>>>> = Arc::default();
-    let slot = recorder.clone();
-    let disk = f.open_with_top_storage(move |inner| {
-        let recording = Arc::new(RecordingStorage::new(inner));
-        *slot.lock().unwrap() = Some(recording.clone());
-        recording
-    });
+    let (disk, recorder) = f.open_recorded();
     stream_to_the_end(&disk);
 
     assert_eq!(disk.layers().len(), 1, "the chain changed in memory");
@@ -78,7 +72,7 @@ fn the_header_names_the_old_chain_until_a_flush_and_guest_zeroes_read_the_same_u
 
     // Power lost just before the header write, with everything before it on disk: the old
     // header, and the same content.
-    let log = recorder.lock().unwrap().as_ref().unwrap().operations();
+    let log = recorder.operations();
     let header_write = log
         .iter()
         .rposition(|op| matches!(op, Operation::Write(0, _)))

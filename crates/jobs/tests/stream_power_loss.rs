@@ -8,22 +8,16 @@ mod common;
 
 use common::*;
 use imgstream_block::{ChainOptions, Disk};
-use imgstream_format::recording::{power_loss_state, Operation, RecordingStorage};
+use imgstream_format::recording::{power_loss_state, Operation};
 use imgstream_jobs::StreamOptions;
 use rand::Rng;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 fn power_loss_during_stream(fmt: &'static str) {
     let (mut rng, seed) = seeded(&format!("power_loss_during_stream({fmt})"));
     let f = Fixture::new(fmt, 12);
     let pristine = std::fs::read(&f.top).unwrap();
-    let recorder: Arc<Mutex<Option<Arc<RecordingStorage>>>> = Arc::default();
-    let slot = recorder.clone();
-    let disk = f.open_with_top_storage(move |inner| {
-        let recording = Arc::new(RecordingStorage::new(inner));
-        *slot.lock().unwrap() = Some(recording.clone());
-        recording
-    });
+    let (disk, recorder) = f.open_recorded();
     // Flushing every 512 KiB gives the cut points many durable checkpoints to land on.
     let options = StreamOptions {
         flush_interval: 512 * KIB,
@@ -32,12 +26,7 @@ fn power_loss_during_stream(fmt: &'static str) {
     let (job, events) = start(&disk, options, JobSetup::default());
     assert_eq!(job.wait_concluded(), None, "{:?}", events.names());
     close(disk);
-    let log = recorder
-        .lock()
-        .unwrap()
-        .as_ref()
-        .expect("the top storage was wrapped")
-        .operations();
+    let log = recorder.operations();
     let flushes: Vec<usize> = log
         .iter()
         .enumerate()

@@ -6,6 +6,7 @@
 
 use imgstream_block::chain::open_layer;
 use imgstream_block::{ChainOptions, Disk, FormatKind, Layer};
+use imgstream_format::recording::RecordingStorage;
 use imgstream_format::{open_format, FileStorage, OpenOptions, Storage};
 use imgstream_jobs::{
     Job, JobEvent, JobOptions, JobStatus, OnError, StreamJob, StreamOptions, FLUSH_INTERVAL,
@@ -241,6 +242,18 @@ impl Fixture {
         )
         .unwrap();
         Arc::new(Disk::from_layers(vec![top, mid, base], true))
+    }
+
+    /// Opens the chain with every write and flush to the top recorded, in the order of their
+    /// effects.
+    pub fn open_recorded(&self) -> (Arc<Disk>, Arc<RecordingStorage>) {
+        let mut recording = None;
+        let disk = self.open_with_top_storage(|inner| {
+            let recorder = Arc::new(RecordingStorage::new(inner));
+            recording = Some(recorder.clone());
+            recorder
+        });
+        (disk, recording.expect("the top storage was wrapped"))
     }
 
     /// Opens the chain with `wrap` around the storage of layer `depth` (1 = mid, 2 = base).
