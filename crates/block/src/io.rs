@@ -413,6 +413,7 @@ impl Disk {
         if !self.writable {
             return Ok(());
         }
+        let _counted = self.flush_begins();
         let layers = self.read_layers();
         let top = top_of(&layers)?;
         let flushed = top.image.flush();

@@ -22,7 +22,7 @@ pub use status::Status;
 use range_lock::RangeLocks;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// An image and its backing chain, as the guest sees it.
 #[derive(Debug)]
@@ -35,6 +35,10 @@ pub struct Disk {
     /// Whether the header on disk may still name layers the chain no longer has (a change
     /// scheduled or abandoned), for the I/O paths that must not take `header_change`'s lock.
     header_pending: AtomicBool,
+    /// Flushes begun and ended, for a job that waits for those under way
+    /// ([`wait_for_flushes_under_way`](Self::wait_for_flushes_under_way)).
+    flushes: Mutex<FlushCount>,
+    flush_ended: Condvar,
     locks: RangeLocks,
     size: u64,
     cluster_size: u64,
@@ -63,6 +67,8 @@ impl Disk {
             copy_on_read_limit: AtomicUsize::new(0),
             header_change: Mutex::new(HeaderChange::None),
             header_pending: AtomicBool::new(false),
+            flushes: Mutex::new(FlushCount::default()),
+            flush_ended: Condvar::new(),
         }
     }
 
@@ -80,6 +86,8 @@ impl Disk {
             copy_on_read_limit: AtomicUsize::new(0),
             header_change: Mutex::new(HeaderChange::None),
             header_pending: AtomicBool::new(false),
+            flushes: Mutex::new(FlushCount::default()),
+            flush_ended: Condvar::new(),
         }
     }
 
@@ -203,6 +211,40 @@ impl Disk {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Waits until as many flushes have ended as had begun when it was called: the flushes
+    /// under way then (they end in order, one write-back at a time), not those begun since.
+    ///
+    /// A stream calls it now and then, so that a guest's flushes find only what it copied
+    /// since (imgstream_jobs::stream::FLUSH_YIELD_BYTES has the figures). Waiting only for the
+    /// flushes under way, not for those begun meanwhile, keeps a guest that always has a
+    /// flush in flight from stopping the stream.
+    pub fn wait_for_flushes_under_way(&self) {
+        let begun = self.lock_flushes().begun;
+        self.wait_until_flushes_ended(begun);
+    }
+
+    /// Waits until `target` flushes have ended.
+    fn wait_until_flushes_ended(&self, target: u64) {
+        let mut count = self.lock_flushes();
+        while count.ended < target {
+            count = self
+                .flush_ended
+                .wait(count)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Counts a flush as begun until the returned guard drops.
+    fn flush_begins(&self) -> FlushUnderWay<'_> {
+        self.lock_flushes().begun += 1;
+        FlushUnderWay { disk: self }
+    }
+
+    fn lock_flushes(&self) -> std::sync::MutexGuard<'_, FlushCount> {
+        // Two counters, each changed in one step: a panic cannot leave them torn.
+        self.flushes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Whether unallocated clusters of the top read as zeroes in every header its file may
     /// have after a crash: no backing layer now, and none named by a header not yet replaced.
     fn unallocated_reads_zero(&self, layers: &[Arc<Layer>]) -> bool {
@@ -235,6 +277,25 @@ impl Disk {
     }
 }
 
+/// Flushes of a disk, begun and ended.
+#[derive(Debug, Default)]
+struct FlushCount {
+    begun: u64,
+    ended: u64,
+}
+
+/// A flush under way: counted as ended when dropped, whatever its outcome.
+struct FlushUnderWay<'a> {
+    disk: &'a Disk,
+}
+
+impl Drop for FlushUnderWay<'_> {
+    fn drop(&mut self) {
+        self.disk.lock_flushes().ended += 1;
+        self.disk.flush_ended.notify_all();
+    }
+}
+
 /// Where the top's header stands after [`Disk::replace_backing`].
 #[derive(Debug)]
 enum HeaderChange {
@@ -255,5 +316,67 @@ impl Drop for Disk {
                 tracing::warn!("the header change of a completed stream was not written: {error}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A guard against a hang, not a timing: the waiter is released by the test itself.
+    const HANG_GUARD: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_waiter_returns_once_the_flush_under_way_ends() {
+        let disk = Arc::new(Disk::from_layers(Vec::new(), true));
+        disk.wait_for_flushes_under_way(); // none under way: returns at once
+        let under_way = disk.flush_begins();
+        let (done, finished) = mpsc::channel();
+        let waiter = {
+            let disk = Arc::clone(&disk);
+            std::thread::spawn(move || {
+                disk.wait_for_flushes_under_way();
+                done.send(()).unwrap();
+            })
+        };
+        drop(under_way);
+        finished
+            .recv_timeout(HANG_GUARD)
+            .expect("the waiter returns");
+        waiter.join().unwrap();
+    }
+
+    #[test]
+    fn a_flush_begun_later_does_not_hold_back_a_waiter() {
+        let disk = Arc::new(Disk::from_layers(Vec::new(), true));
+        let first = disk.flush_begins();
+        // What wait_for_flushes_under_way reads, with the first flush under way.
+        let begun = disk.lock_flushes().begun;
+        let second = disk.flush_begins();
+        let (done, finished) = mpsc::channel();
+        let waiter = {
+            let disk = Arc::clone(&disk);
+            std::thread::spawn(move || {
+                disk.wait_until_flushes_ended(begun);
+                done.send(()).unwrap();
+            })
+        };
+        drop(first);
+        finished
+            .recv_timeout(HANG_GUARD)
+            .expect("the waiter returns while the second flush is under way");
+        drop(second);
+        waiter.join().unwrap();
+    }
+
+    #[test]
+    fn a_failed_flush_counts_as_ended() {
+        // No layers: the flush fails, and must not leave a waiter waiting for it.
+        let disk = Disk::from_layers(Vec::new(), true);
+        assert!(disk.flush().is_err());
+        let count = disk.lock_flushes();
+        assert_eq!((count.begun, count.ended), (1, 1));
     }
 }

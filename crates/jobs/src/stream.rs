@@ -31,6 +31,20 @@ pub const UNLIMITED_CHUNK: u64 = 4 << 20;
 pub const FLUSH_INTERVAL: u64 = 4 << 30;
 pub const FLUSH_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Bytes the job copies before it waits for the flushes under way
+/// ([`Disk::wait_for_flushes_under_way`]): at most this much of its copies lands in each
+/// guest flush (about 15 ms of a disk that writes 1.2 GB/s). A flush makes durable
+/// everything written before it, and a stream fills the page cache faster than a disk
+/// empties it: copying on through the flushes of a guest that flushed every 8 writes made
+/// each of them wait for nearly the whole stream (1.0-1.2 s, QSD 31-65 ms p99). Under that
+/// guest, held to 12000 IOPS (bench/results/serve-2026-11-27-deferred-header.md, 3-4 runs
+/// interleaved with QSD, medians of per-run ratios): waiting at every 4 MiB step gave the
+/// guest 3.55x QSD's IOPS and 0.60x its flush p99 but took 2.21x QSD's stream time; 8 MiB
+/// 0.90x the time, 2.05x the IOPS, flush p99 0.44x; 16 MiB 0.68-0.72x the time, 1.04-1.48x
+/// the IOPS, flush p99 0.80-2.09x (QSD's own moved between 28 and 275 ms); 64 MiB 0.50x the
+/// time but 0.40x the IOPS.
+pub const FLUSH_YIELD_BYTES: u64 = 16 << 20;
+
 /// What to stream.
 #[derive(Debug, Clone)]
 pub struct StreamOptions {
@@ -177,6 +191,8 @@ impl StreamJob {
         let len = disk.size();
         let mut first_error = None;
         let mut since_flush = 0;
+        // Written since the job last let the guest's flushes under way end.
+        let mut since_wait = 0;
         let file_len = disk.top_file_len().unwrap_or(0);
         let mut reservation = SpaceReservation::new();
         reserve_space(disk, &mut reservation, file_len, base_depth);
@@ -191,6 +207,10 @@ impl StreamJob {
         while offset < len {
             if !control.pause_point() {
                 return Ok(());
+            }
+            if since_wait >= FLUSH_YIELD_BYTES {
+                disk.wait_for_flushes_under_way();
+                since_wait = 0;
             }
             let step = disk
                 .copy_up_needed(offset, len - offset, base_depth)
@@ -215,6 +235,7 @@ impl StreamJob {
                         control.account(written);
                     }
                     since_flush += written;
+                    since_wait += written;
                     // Zero clusters write no data: only copied bytes fill a window.
                     let data = outcome.map_or(0, |o| o.copied);
                     if let Some(closed) = pacer.copied(data, || disk.top_file_len().ok()) {

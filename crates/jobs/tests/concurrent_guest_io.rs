@@ -145,3 +145,40 @@ fn closing_after_overwrites_leaks_nothing() {
     close(disk);
     assert_check_clean(&f.top, "qcow2", "closed without a flush after overwrites");
 }
+
+/// Two guest threads flushing without pause, so that a flush is nearly always under way when
+/// the stream waits for the flushes under way: it still completes, with the right content.
+/// (That a flush begun after the wait does not hold it back is
+/// imgstream-block's `a_flush_begun_later_does_not_hold_back_a_waiter`.)
+#[test]
+fn a_stream_completes_while_the_guest_flushes_without_pause() {
+    let f = Fixture::new("qcow2", 48);
+    let disk = f.open();
+    let (job, events) = start(&disk, full_stream(), JobSetup::default());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flushers: Vec<_> = (0..2)
+        .map(|_| {
+            let (disk, stop) = (disk.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    disk.flush().unwrap();
+                }
+            })
+        })
+        .collect();
+    wait_until(&job, &events, "the stream's end", || job.is_finished());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for flusher in flushers {
+        flusher.join().unwrap();
+    }
+    assert!(
+        events.contains("BLOCK_JOB_COMPLETED"),
+        "{:?}",
+        events.names()
+    );
+    assert_eq!(job.wait_concluded(), None);
+    close(disk);
+    assert_eq!(backing_of(&f.top, "qcow2"), None);
+    assert_check_clean(&f.top, "qcow2", "after the stream");
+    assert_same_as_raw(&f.top, "qcow2", &f.before, "after the stream");
+}
