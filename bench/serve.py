@@ -9,6 +9,9 @@ For each daemon, on a fresh copy of the chain each time, RUNS times:
                      rate both daemons sustain during a stream: stream time and latency at
                      the same guest load (in (b) the daemon that serves the guest faster
                      also gets more guest I/O to do while it streams);
+  (c') stream+fio-flush: the same as (c) with a flush (NBD_CMD_FLUSH) after every
+                     FIO_FLUSH_EVERY writes, as a guest's filesystem journal asks for: a
+                     flush makes the stream's copies durable too;
   (d) fio-idle:      fio alone for FIO_IDLE_S seconds;
   (e) fio-flush:     the same with a flush (NBD_CMD_FLUSH) after every FIO_FLUSH_EVERY
                      writes, as a guest's filesystem journal asks for.
@@ -242,10 +245,14 @@ def fio_result(proc, out_path, interrupted=False):
         value = side["clat_ns"].get("percentile", {}).get(p)
         return value / 1e6 if value is not None else None
 
+    # Flushes (--fsync) are reported apart, with their latency from submission.
+    sync = job.get("sync", {}).get("lat_ns", {})
+    sync_p99 = sync.get("percentile", {}).get("99.000000") if sync.get("N") else None
     return {
         "iops": r["iops"] + w["iops"], "read_iops": r["iops"], "write_iops": w["iops"],
         "read_p50": pct(r, "50.000000"), "read_p99": pct(r, "99.000000"),
         "write_p50": pct(w, "50.000000"), "write_p99": pct(w, "99.000000"),
+        "flush_p99": sync_p99 / 1e6 if sync_p99 is not None else None,
         "client_s": job["job_runtime"] / 1000,
     }
 
@@ -292,9 +299,11 @@ def one_run(kind, binary, chain_dir, expected, phase, run):
         if phase == "stream-noload":
             result["stream_s"] = d.stream()
             result["durable_s"] = result["stream_s"] + fsync_s(dir)
-        elif phase in ("stream+fio", "stream+fio-rate"):
+        elif phase in ("stream+fio", "stream+fio-rate", "stream+fio-flush"):
             out = os.path.join(dir, "fio.json")
-            proc = fio(d.uri, 600, out, FIO_RATE_IOPS if phase == "stream+fio-rate" else None)
+            rate = FIO_RATE_IOPS if phase != "stream+fio" else None
+            extra = [f"--fsync={FIO_FLUSH_EVERY}"] if phase == "stream+fio-flush" else []
+            proc = fio(d.uri, 600, out, rate, extra=extra)
             wait_for_guest_writes(os.path.join(dir, "top.qcow2"), proc)
             result["stream_s"] = d.stream()
             proc.send_signal(2)  # SIGINT: fio stops and reports
@@ -342,7 +351,7 @@ def main():
     map_out = subprocess.run(["qemu-img", "map", "--output=json", os.path.join(workdir, "top.qcow2")],
                              check=True, capture_output=True, text=True).stdout
     to_copy = sum(e["length"] for e in json.loads(map_out) if e["depth"] > 0 and e["present"])
-    phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio stream+fio-rate fio-idle fio-flush").split()
+    phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio stream+fio-rate stream+fio-flush fio-idle fio-flush").split()
     # One discarded run of each daemon first: the first run of a series has come out 2-3x
     # slower than the rest, whoever ran it (bench/results/serve-2026-11-27-background-turns.md).
     print("warm-up (discarded)", flush=True)
@@ -360,6 +369,7 @@ def main():
             ("read IOPS", "read_iops", 0), ("write IOPS", "write_iops", 0),
             ("read p50 ms", "read_p50", 3), ("read p99 ms", "read_p99", 3),
             ("write p50 ms", "write_p50", 3), ("write p99 ms", "write_p99", 3),
+            ("flush p99 ms", "flush_p99", 3),
             ("daemon cpu s", "cpu_s", 2), ("peak RSS MiB", "rss_mib", 1)]
     lines = [f"# imgstream serve vs qemu-storage-daemon ({time.strftime('%Y-%m-%d %H:%M')})", "",
              f"Machine: {os.cpu_count()} cores, `{subprocess.run(['uname', '-r'], capture_output=True, text=True).stdout.strip()}`, "
@@ -369,7 +379,7 @@ def main():
              f"a full stream copies {to_copy / GIB:.2f} GiB. QSD: file nodes aio=threads, default cache. "
              f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}: "
              f"nbd engine, one connection, randrw 4k, rwmixread=70, iodepth=16, confined to the second half of the disk; "
-             f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED; stream+fio-rate is the same with fio held to {FIO_RATE_IOPS} IOPS (--rate_iops, 70/30); fio-flush is fio alone with a flush after every {FIO_FLUSH_EVERY} writes (--fsync). "
+             f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED; stream+fio-rate is the same with fio held to {FIO_RATE_IOPS} IOPS (--rate_iops, 70/30); stream+fio-flush is stream+fio-rate with a flush after every {FIO_FLUSH_EVERY} writes (--fsync; flush p99 from fio's sync latencies); fio-flush is fio alone with a flush after every {FIO_FLUSH_EVERY} writes (--fsync). "
              f"until durable = stream wall + an fsync of the top file issued at BLOCK_JOB_COMPLETED (neither daemon flushes before that event; imgstream starts a flush at it and rewrites its header after). "
              f"Medians of {RUNS} runs (min–max), each on a fresh copy of the chain, after one discarded run of each daemon. "
              f"verify = qemu-img check clean, no backing file after a stream, first half byte-equal to the original chain.",
@@ -400,11 +410,11 @@ def main():
                          ("Ratios imgstream / QSD, median of the per-run ratios (run i of each back to back):",
                           median_of_ratios)):
         lines += ["", title, "",
-                  "| phase | stream time | until durable | client IOPS | read p99 | write p99 | peak RSS |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| phase | stream time | until durable | client IOPS | read p99 | write p99 | flush p99 | peak RSS |",
+                  "|---|---|---|---|---|---|---|---|"]
         for phase in phases:
             lines.append(f"| {phase} | {ratio(phase, 'stream_s')} | {ratio(phase, 'durable_s')} | {ratio(phase, 'iops')} | "
-                         f"{ratio(phase, 'read_p99')} | {ratio(phase, 'write_p99')} | {ratio(phase, 'rss_mib')} |")
+                         f"{ratio(phase, 'read_p99')} | {ratio(phase, 'write_p99')} | {ratio(phase, 'flush_p99')} | {ratio(phase, 'rss_mib')} |")
     lines += ["", "Targets: stream time <= 0.8x QSD's; guest p99 during the stream no worse than QSD's.", ""]
     text = "\n".join(lines)
     print(text)
