@@ -190,6 +190,7 @@ impl Disk {
         if data.is_empty() {
             return Ok(());
         }
+        let _change = self.change_begins();
         let layers = self.read_layers();
         let top = top_of(&layers)?;
         if top.image.in_place() {
@@ -271,6 +272,7 @@ impl Disk {
         if length == 0 {
             return Ok(());
         }
+        let _change = self.change_begins();
         let layers = self.read_layers();
         let top = top_of(&layers)?;
         let end = offset + length;
@@ -372,6 +374,7 @@ impl Disk {
             return Ok(());
         }
         let _guard = self.locks.exclusive(start, end);
+        let _change = self.change_begins();
         let count = (end - start) / self.cluster_size;
         if !top.image.zero_clusters(start, count)? && self.unallocated_reads_zero(&layers) {
             top.image.unmap_clusters(start, count)?;
@@ -409,14 +412,31 @@ impl Disk {
     }
 
     /// Makes every completed write durable.
+    ///
+    /// A flush that no change has ended since the last successful flush began, and that has no
+    /// header change to write, has nothing to make durable and returns at once, as QEMU's
+    /// `bdrv_co_flush` does when its `flushed_gen` equals its `write_gen`. Guests send such
+    /// flushes often: fio --fsync=8 with 16 requests in flight sent 1.4 flushes per write, and
+    /// QSD synced its file for one in four. Syncing for each, our flush p99 was 1.5x QSD's;
+    /// with this, 1.25x (the other step is in qcow2's write_back.rs).
     pub fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
         }
         let _counted = self.flush_begins();
+        let mut flushed_changes = self.lock_flushed_changes();
+        // Read once the flushes before this one have ended: a change that ends later may or
+        // may not be made durable by this flush, so it is not counted as flushed.
+        let changes = self.changes_ended.load(Ordering::SeqCst);
+        if *flushed_changes == Some(changes) && !self.header_change_scheduled() {
+            return Ok(());
+        }
         let layers = self.read_layers();
         let top = top_of(&layers)?;
         let flushed = top.image.flush();
+        if flushed.is_ok() {
+            *flushed_changes = Some(changes);
+        }
         // Only now: the header may stop naming the old chain once what replaced it is durable.
         self.settle_header_change(top, &flushed)?;
         flushed

@@ -21,7 +21,7 @@ pub use status::Status;
 
 use range_lock::RangeLocks;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// An image and its backing chain, as the guest sees it.
@@ -39,6 +39,12 @@ pub struct Disk {
     /// ([`wait_for_flushes_under_way`](Self::wait_for_flushes_under_way)).
     flushes: Mutex<FlushCount>,
     flush_ended: Condvar,
+    /// Changes to the top's contents that have ended (guest writes, write-zeroes, discards,
+    /// copy-ups), whatever their outcome.
+    changes_ended: AtomicU64,
+    /// The value of `changes_ended` that the last successful flush began with (`None` before
+    /// the first). Its lock is held for a whole flush: flushes run one at a time.
+    flushed_changes: Mutex<Option<u64>>,
     locks: RangeLocks,
     size: u64,
     cluster_size: u64,
@@ -69,6 +75,8 @@ impl Disk {
             header_pending: AtomicBool::new(false),
             flushes: Mutex::new(FlushCount::default()),
             flush_ended: Condvar::new(),
+            changes_ended: AtomicU64::new(0),
+            flushed_changes: Mutex::new(None),
         }
     }
 
@@ -88,6 +96,8 @@ impl Disk {
             header_pending: AtomicBool::new(false),
             flushes: Mutex::new(FlushCount::default()),
             flush_ended: Condvar::new(),
+            changes_ended: AtomicU64::new(0),
+            flushed_changes: Mutex::new(None),
         }
     }
 
@@ -204,6 +214,10 @@ impl Disk {
         }
     }
 
+    fn header_change_scheduled(&self) -> bool {
+        matches!(*self.lock_header_change(), HeaderChange::Scheduled(_))
+    }
+
     fn lock_header_change(&self) -> std::sync::MutexGuard<'_, HeaderChange> {
         // Only ever replaced whole: a panic cannot leave it half-written.
         self.header_change
@@ -238,6 +252,19 @@ impl Disk {
     fn flush_begins(&self) -> FlushUnderWay<'_> {
         self.lock_flushes().begun += 1;
         FlushUnderWay { disk: self }
+    }
+
+    /// Counts a change to the top's contents as ended when the returned guard drops: a flush
+    /// that begins after that must not be skipped.
+    fn change_begins(&self) -> ChangeUnderWay<'_> {
+        ChangeUnderWay { disk: self }
+    }
+
+    fn lock_flushed_changes(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        // Replaced whole, only after a flush succeeded: a panic cannot leave it wrong.
+        self.flushed_changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock_flushes(&self) -> std::sync::MutexGuard<'_, FlushCount> {
@@ -296,6 +323,18 @@ impl Drop for FlushUnderWay<'_> {
     }
 }
 
+/// A change to the top's contents under way: counted as ended when dropped, whatever its
+/// outcome (a failed write may still have changed the file).
+struct ChangeUnderWay<'a> {
+    disk: &'a Disk,
+}
+
+impl Drop for ChangeUnderWay<'_> {
+    fn drop(&mut self) {
+        self.disk.changes_ended.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// Where the top's header stands after [`Disk::replace_backing`].
 #[derive(Debug)]
 enum HeaderChange {
@@ -310,8 +349,7 @@ enum HeaderChange {
 impl Drop for Disk {
     /// Writes a scheduled header change, as the flush that closes an image in QEMU would.
     fn drop(&mut self) {
-        let scheduled = matches!(*self.lock_header_change(), HeaderChange::Scheduled(_));
-        if self.writable && scheduled {
+        if self.writable && self.header_change_scheduled() {
             if let Err(error) = self.flush() {
                 tracing::warn!("the header change of a completed stream was not written: {error}");
             }

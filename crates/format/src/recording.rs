@@ -106,6 +106,16 @@ impl Storage for MemoryStorage {
 pub struct RecordingStorage {
     inner: Arc<dyn Storage>,
     operations: Mutex<Vec<Operation>>,
+    before_next_flush: Mutex<Option<FlushHook>>,
+}
+
+/// What [`RecordingStorage::on_next_flush`] runs.
+struct FlushHook(Box<dyn FnOnce() -> Result<()> + Send>);
+
+impl std::fmt::Debug for FlushHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FlushHook")
+    }
 }
 
 impl RecordingStorage {
@@ -113,7 +123,15 @@ impl RecordingStorage {
         RecordingStorage {
             inner,
             operations: Mutex::new(Vec::new()),
+            before_next_flush: Mutex::new(None),
         }
+    }
+
+    /// Runs `before` when the next flush starts, on the flushing thread, before any lock of
+    /// this storage is taken: a change racing that flush, or a fault. If it returns an error,
+    /// that flush fails with it and records nothing.
+    pub fn on_next_flush(&self, before: impl FnOnce() -> Result<()> + Send + 'static) {
+        *lock(&self.before_next_flush) = Some(FlushHook(Box::new(before)));
     }
 
     /// An in-memory storage holding `bytes`, recorded.
@@ -173,6 +191,10 @@ impl Storage for RecordingStorage {
     }
 
     fn flush(&self) -> Result<()> {
+        let hook = lock(&self.before_next_flush).take();
+        if let Some(FlushHook(before)) = hook {
+            before()?;
+        }
         let mut log = lock(&self.operations);
         self.inner.flush()?;
         log.push(Operation::Flush);
@@ -230,5 +252,18 @@ mod tests {
         );
         assert_eq!(power_loss_state(&[0; 4], &ops, 1, |_| true), [1, 0, 0, 0]);
         assert_eq!(storage.bytes().unwrap(), [1, 2, 3, 0]);
+    }
+
+    #[test]
+    fn a_hook_runs_before_the_next_flush_only_and_its_error_fails_that_flush() {
+        let storage = RecordingStorage::in_memory(vec![0; 4], "mem");
+        storage.on_next_flush(|| Err(crate::Error::invalid("injected")));
+        assert!(storage.flush().is_err());
+        assert!(
+            storage.operations().is_empty(),
+            "a failed flush is not recorded"
+        );
+        storage.flush().unwrap();
+        assert_eq!(storage.operations(), [Operation::Flush]);
     }
 }

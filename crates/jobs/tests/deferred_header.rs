@@ -7,9 +7,7 @@ mod common;
 
 use common::*;
 use imgstream_format::recording::{power_loss_state, Operation};
-use imgstream_format::{Error, Result, Storage};
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use imgstream_format::Error;
 use std::sync::Arc;
 
 /// A top in qcow2 v2, which has no zero flag: with no backing layer, write-zeroes and discard
@@ -124,54 +122,18 @@ fn dropping_the_disk_writes_the_scheduled_header() {
     assert_same_as_raw(&f.top, "qed", &f.before, "after close");
 }
 
-/// Passes everything through, but fails the next flush once `fail` is set.
-#[derive(Debug)]
-struct FailingFlush {
-    inner: Arc<dyn Storage>,
-    fail: Arc<AtomicBool>,
-}
-
-impl Storage for FailingFlush {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.inner.write_at(offset, buf)
-    }
-    fn flush(&self) -> Result<()> {
-        if self.fail.swap(false, Ordering::SeqCst) {
-            return Err(Error::io(
-                "Injected flush error",
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ));
-        }
-        self.inner.flush()
-    }
-    fn len(&self) -> Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> Result<()> {
-        self.inner.set_len(len)
-    }
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-}
-
 #[test]
 fn a_failed_flush_abandons_the_header_change_for_good() {
     let f = Fixture::new("qcow2", 4);
-    let fail = Arc::new(AtomicBool::new(false));
-    let switch = fail.clone();
-    let disk = f.open_with_top_storage(move |inner| {
-        Arc::new(FailingFlush {
-            inner,
-            fail: switch,
-        })
-    });
+    let (disk, recording) = f.open_recorded();
     stream_to_the_end(&disk);
     // Only the first of the flush's syncs fails: the header write after it would succeed.
-    fail.store(true, Ordering::SeqCst);
+    recording.on_next_flush(|| {
+        Err(Error::io(
+            "Injected flush error",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ))
+    });
     assert!(disk.flush().is_err(), "the injected failure is reported");
     disk.flush().unwrap();
     assert!(
