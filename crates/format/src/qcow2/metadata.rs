@@ -35,6 +35,34 @@ const SECTOR: u64 = 512;
 const L2_CACHE_BYTES: u64 = 16 << 20;
 const REFBLOCK_CACHE_BYTES: u64 = 4 << 20;
 
+/// Whether guest cluster mapping `next`, `distance` bytes past the first cluster of a run
+/// mapping `first`, continues that run (same kind, and host clusters in the same order).
+fn continues_run(first: Mapping, next: Mapping, distance: u64) -> bool {
+    match (first, next) {
+        (Mapping::Unallocated, Mapping::Unallocated) => true,
+        (Mapping::Zero { host_offset: None }, Mapping::Zero { host_offset: None }) => true,
+        (
+            Mapping::Zero {
+                host_offset: Some(a),
+            },
+            Mapping::Zero {
+                host_offset: Some(b),
+            },
+        ) => b == a + distance,
+        (
+            Mapping::Data {
+                host_offset: a,
+                in_place: pa,
+            },
+            Mapping::Data {
+                host_offset: b,
+                in_place: pb,
+            },
+        ) => b == a + distance && pa == pb,
+        _ => false,
+    }
+}
+
 /// A table held in memory, keyed by its host offset.
 struct Slot<T> {
     table: T,
@@ -339,6 +367,11 @@ impl Metadata {
     /// What guest cluster `cluster` maps to, as the host offset of its first byte for data.
     fn classify(&mut self, cluster: u64) -> Result<Mapping> {
         let entry = self.l2_entry(cluster)?;
+        self.classify_entry(cluster, entry)
+    }
+
+    /// What L2 entry `entry` of guest cluster `cluster` maps it to.
+    fn classify_entry(&self, cluster: u64, entry: u64) -> Result<Mapping> {
         if entry & ENTRY_COMPRESSED != 0 {
             return Ok(Mapping::Compressed {
                 descriptor: entry & DESCRIPTOR_MASK,
@@ -396,37 +429,31 @@ impl Metadata {
         };
         let mut length = (cs - within).min(end - offset);
         let mut cluster = first_cluster + 1;
-        while offset + length < end && !matches!(first, Mapping::Compressed { .. }) {
-            let step = cluster - first_cluster;
-            let next = self.classify(cluster)?;
-            let continues = match (first, next) {
-                (Mapping::Unallocated, Mapping::Unallocated) => true,
-                (Mapping::Zero { host_offset: None }, Mapping::Zero { host_offset: None }) => true,
-                (
-                    Mapping::Zero {
-                        host_offset: Some(a),
-                    },
-                    Mapping::Zero {
-                        host_offset: Some(b),
-                    },
-                ) => b == a + step * cs,
-                (
-                    Mapping::Data {
-                        host_offset: a,
-                        in_place: pa,
-                    },
-                    Mapping::Data {
-                        host_offset: b,
-                        in_place: pb,
-                    },
-                ) => b == a + step * cs && pa == pb,
-                _ => false,
+        let compressed = matches!(first, Mapping::Compressed { .. });
+        // The rest of the run, an L2 table at a time: one cache lookup per table, not per
+        // cluster (a stream's walk over the allocation of a whole disk was mostly lookups).
+        'tables: while offset + length < end && !compressed {
+            let l1_index = cluster / self.l2_entries;
+            let table_start = l1_index * self.l2_entries;
+            let clusters_needed = (end - (offset + length)).div_ceil(cs);
+            let last = (table_start + self.l2_entries).min(cluster + clusters_needed);
+            let l2_offset = self.l2_offset_for(l1_index)?;
+            let entries = if l2_offset == 0 {
+                None
+            } else {
+                self.load_l2(l2_offset)?;
+                let table = &self.l2_cache.slots[&l2_offset].table;
+                Some(&table[(cluster - table_start) as usize..(last - table_start) as usize])
             };
-            if !continues {
-                break;
+            for next_cluster in cluster..last {
+                let entry = entries.map_or(0, |e| e[(next_cluster - cluster) as usize]);
+                let next = self.classify_entry(next_cluster, entry)?;
+                if !continues_run(first, next, (next_cluster - first_cluster) * cs) {
+                    break 'tables;
+                }
+                length = (length + cs).min(end - offset);
             }
-            length = (length + cs).min(end - offset);
-            cluster += 1;
+            cluster = last;
         }
         Ok(crate::Extent { mapping, length })
     }
