@@ -38,7 +38,7 @@ impl WriteBackPlan {
         // clusters the file may not reach, a leak (our check reports it, `qemu-img check` once
         // the file grows over it), never a cluster with two owners. QEMU's driver orders them
         // the same way. One sync less per allocating flush took a guest flushing every 8
-        // writes from 1.25x QSD's flush p99 to 0.96x (bench/results/serve-2026-11-27-flush-*).
+        // writes from 1.25x QSD's flush p99 to 0.96x (bench/results/serve-2026-11-27-flushes.md).
         for table in &self.refblocks {
             storage.write_at(table.offset, &table.bytes)?;
         }
