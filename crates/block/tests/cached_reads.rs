@@ -4,25 +4,11 @@
 
 use imgstream_block::{ChainOptions, Disk};
 use std::path::Path;
-use std::process::Command;
+
+mod common;
+use common::{run_ok, s};
 
 const MIB: u64 = 1 << 20;
-
-fn run_ok(tool: &str, args: &[&str]) {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("'{tool}' is required by this test (qemu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
 
 /// base.qcow2 with data at 0-2 MiB and 6-7 MiB; top.qcow2 over it with data at 1-1.5 MiB and
 /// zeroes at 6.25-6.5 MiB.

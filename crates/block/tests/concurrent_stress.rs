@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+mod common;
+use common::{run_ok, s};
+
 const THREADS: usize = 8;
 const REGIONS_PER_THREAD: usize = 6;
 /// Clusters per region: a write inside one region can span up to this many clusters.
@@ -35,22 +38,6 @@ fn seed() -> u64 {
         .unwrap_or(DEFAULT_SEED)
 }
 
-/// Runs a QEMU tool and fails the test with its output unless it exits 0.
-fn run_ok(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("'{tool}' is required by this test (qemu-utils): {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 /// A guest read, as the NBD server makes it when `cached_first`: the non-blocking attempt
 /// first, the full read only if that gives up. Both must see what the model says.
 fn read(
@@ -63,10 +50,6 @@ fn read(
         return Ok(());
     }
     disk.read(offset, buf)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
 }
 
 /// What discard does to whole clusters of the top image (see `Disk::discard`).

@@ -8,27 +8,13 @@ use imgstream_block::{Disk, Layer};
 use imgstream_format::recording::{Operation, RecordingStorage};
 use imgstream_format::{open_format, Error, FileStorage, FormatKind, OpenOptions, Storage};
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
+
+mod common;
+use common::{run_ok, s};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-fn run_ok(tool: &str, args: &[&str]) {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("'{tool}' is required by this test (qemu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
 
 /// base.qcow2 (data at 0-4 MiB) <- top.qcow2 (data at 4-5 MiB), 8 MiB, 64 KiB clusters; the
 /// top opened with every write and sync of its file recorded.

@@ -1,0 +1,26 @@
+//! Helpers the block layer's integration tests share: running the QEMU tools that build and
+//! check their fixtures.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs a QEMU tool and fails the test with its output unless it exits 0; returns its stdout.
+pub fn run_ok(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("'{tool}' is required by this test (qemu-utils): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A temporary path as the `&str` the tools' arguments need.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("temporary paths are UTF-8")
+}
