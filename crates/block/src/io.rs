@@ -418,7 +418,7 @@ impl Disk {
     /// `bdrv_co_flush` does when its `flushed_gen` equals its `write_gen`. Guests send such
     /// flushes often: fio --fsync=8 with 16 requests in flight sent 1.4 flushes per write, and
     /// QSD synced its file for one in four. Syncing for each, our flush p99 was 1.5x QSD's;
-    /// with this, 1.25x (the other step is in qcow2's write_back.rs).
+    /// with this, 1.25x (bench/results/serve-2026-11-27-flushes.md).
     pub fn flush(&self) -> Result<()> {
         if !self.writable {
             return Ok(());
