@@ -39,6 +39,8 @@ RUNS = int(os.environ.get("BENCH_RUNS", 3))
 FIO_IDLE_S = 5
 FIO_FLUSH_EVERY = 8
 FIO_RATE_IOPS = int(os.environ.get("FIO_RATE_IOPS", 12000))
+# stream+fio-after: how long fio goes on after BLOCK_JOB_COMPLETED.
+AFTER_EVENT_S = 2
 SIZE = int(os.environ.get("BENCH_SIZE_MIB", 2048)) * MIB
 CLUSTER = 64 * 1024
 # fio writes only here; the other half is compared with the original chain.
@@ -299,15 +301,20 @@ def one_run(kind, binary, chain_dir, expected, phase, run):
         if phase == "stream-noload":
             result["stream_s"] = d.stream()
             result["durable_s"] = result["stream_s"] + fsync_s(dir)
-        elif phase in ("stream+fio", "stream+fio-rate", "stream+fio-flush"):
+        elif phase in ("stream+fio", "stream+fio-rate", "stream+fio-flush", "stream+fio-after"):
             out = os.path.join(dir, "fio.json")
             rate = FIO_RATE_IOPS if phase != "stream+fio" else None
             extra = [f"--fsync={FIO_FLUSH_EVERY}"] if phase == "stream+fio-flush" else []
             proc = fio(d.uri, 600, out, rate, extra=extra)
             wait_for_guest_writes(os.path.join(dir, "top.qcow2"), proc)
             result["stream_s"] = d.stream()
+            if phase == "stream+fio-after":
+                # The guest goes on past the event, through the writeback of the copies.
+                result["durable_s"] = result["stream_s"] + fsync_s(dir)
+                time.sleep(AFTER_EVENT_S)
             proc.send_signal(2)  # SIGINT: fio stops and reports
-            result["durable_s"] = result["stream_s"] + fsync_s(dir)
+            if phase != "stream+fio-after":
+                result["durable_s"] = result["stream_s"] + fsync_s(dir)
             result.update(fio_result(proc, out, interrupted=True))
         else:
             out = os.path.join(dir, "fio.json")
@@ -351,7 +358,7 @@ def main():
     map_out = subprocess.run(["qemu-img", "map", "--output=json", os.path.join(workdir, "top.qcow2")],
                              check=True, capture_output=True, text=True).stdout
     to_copy = sum(e["length"] for e in json.loads(map_out) if e["depth"] > 0 and e["present"])
-    phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio stream+fio-rate stream+fio-flush fio-idle fio-flush").split()
+    phases = os.environ.get("BENCH_PHASES", "stream-noload stream+fio stream+fio-rate stream+fio-after stream+fio-flush fio-idle fio-flush").split()
     # One discarded run of each daemon first: the first run of a series has come out 2-3x
     # slower than the rest, whoever ran it (bench/results/serve-2026-11-27-background-turns.md).
     print("warm-up (discarded)", flush=True)
@@ -379,7 +386,7 @@ def main():
              f"a full stream copies {to_copy / GIB:.2f} GiB. QSD: file nodes aio=threads, default cache. "
              f"fio {subprocess.run(['fio', '--version'], capture_output=True, text=True).stdout.strip()}: "
              f"nbd engine, one connection, randrw 4k, rwmixread=70, iodepth=16, confined to the second half of the disk; "
-             f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED; stream+fio-rate is the same with fio held to {FIO_RATE_IOPS} IOPS (--rate_iops, 70/30); stream+fio-flush is stream+fio-rate with a flush after every {FIO_FLUSH_EVERY} writes (--fsync; flush p99 from fio's sync latencies); fio-flush is fio alone with a flush after every {FIO_FLUSH_EVERY} writes (--fsync). "
+             f"stream+fio starts block-stream once fio's first writes reach the top file and stops fio (SIGINT) at BLOCK_JOB_COMPLETED; stream+fio-rate is the same with fio held to {FIO_RATE_IOPS} IOPS (--rate_iops, 70/30); stream+fio-after is stream+fio-rate with fio going on {AFTER_EVENT_S} s after the event and the fsync below (its p99 covers the writeback of the copies); stream+fio-flush is stream+fio-rate with a flush after every {FIO_FLUSH_EVERY} writes (--fsync; flush p99 from fio's sync latencies); fio-flush is fio alone with a flush after every {FIO_FLUSH_EVERY} writes (--fsync). "
              f"until durable = stream wall + an fsync of the top file issued at BLOCK_JOB_COMPLETED (neither daemon flushes before that event; imgstream starts a flush at it and rewrites its header after). "
              f"Medians of {RUNS} runs (min–max), each on a fresh copy of the chain, after one discarded run of each daemon. "
              f"verify = qemu-img check clean, no backing file after a stream, first half byte-equal to the original chain.",
