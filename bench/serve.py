@@ -129,6 +129,8 @@ class Qmp:
                 continue
             if "error" in reply:
                 raise RuntimeError(f"{command}: {reply['error']}")
+            if "return" not in reply:
+                raise RuntimeError(f"{command}: unexpected QMP message {reply}")
             return reply["return"]
 
     def wait_event(self, names):
