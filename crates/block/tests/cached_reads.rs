@@ -6,7 +6,7 @@ use imgstream_block::{ChainOptions, Disk};
 use std::path::Path;
 
 mod common;
-use common::{run_ok, s};
+use common::{create_overlay, run_ok, s};
 
 const MIB: u64 = 1 << 20;
 
@@ -25,20 +25,7 @@ fn chain(dir: &Path) -> std::path::PathBuf {
             s(&base),
         ],
     );
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&base),
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    create_overlay(&base, &top);
     run_ok(
         "qemu-io",
         &[

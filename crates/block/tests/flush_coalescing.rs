@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 mod common;
-use common::{run_ok, s};
+use common::{create_overlay, run_ok, s};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -22,20 +22,7 @@ fn open_chain(dir: &Path) -> (Arc<Disk>, Arc<RecordingStorage>) {
     let (base, top) = (dir.join("base.qcow2"), dir.join("top.qcow2"));
     run_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "8M"]);
     run_ok("qemu-io", &["-c", "write -P 0x11 0 4M", s(&base)]);
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&base),
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    create_overlay(&base, &top);
     run_ok("qemu-io", &["-c", "write -P 0x22 4M 1M", s(&top)]);
     let file: Arc<dyn Storage> = Arc::new(FileStorage::open(&top, true).expect("open top"));
     let recording = Arc::new(RecordingStorage::new(file));

@@ -1,6 +1,9 @@
 //! Helpers the block layer's integration tests share: running the QEMU tools that build and
 //! check their fixtures.
 
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
 use std::path::Path;
 use std::process::Command;
 
@@ -18,6 +21,24 @@ pub fn run_ok(tool: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Creates `top`, a qcow2 overlay of the qcow2 image `base`, with `qemu-img create`.
+pub fn create_overlay(base: &Path, top: &Path) {
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(base),
+            "-F",
+            "qcow2",
+            s(top),
+        ],
+    );
 }
 
 /// A temporary path as the `&str` the tools' arguments need.
