@@ -62,22 +62,7 @@ impl Disk {
 
     /// Builds a disk from already opened layers (top first).
     pub fn from_layers(layers: Vec<Layer>, writable: bool) -> Disk {
-        let size = layers.first().map_or(0, |l| l.image.virtual_size());
-        let cluster_size = layers.first().map_or(512, |l| l.image.cluster_size());
-        Disk {
-            layers: RwLock::new(layers.into_iter().map(Arc::new).collect()),
-            locks: RangeLocks::new(),
-            size,
-            cluster_size,
-            writable,
-            copy_on_read_limit: AtomicUsize::new(0),
-            header_change: Mutex::new(HeaderChange::None),
-            header_pending: AtomicBool::new(false),
-            flushes: Mutex::new(FlushCount::default()),
-            flush_ended: Condvar::new(),
-            changes_ended: AtomicU64::new(0),
-            flushed_changes: Mutex::new(None),
-        }
+        Self::from_shared_layers(layers.into_iter().map(Arc::new).collect(), writable)
     }
 
     /// Builds a disk from layers other disks may share (top first): a node whose backing is
