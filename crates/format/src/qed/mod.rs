@@ -439,21 +439,52 @@ impl Qed {
     /// [`ImageFormat::map`] of `wanted` (> 0, within the disk) bytes from `offset`.
     fn map_locked(&self, meta: &mut Metadata, offset: u64, wanted: u64) -> Result<Extent> {
         let (mapping, mut length) = self.lookup(meta, offset)?;
-        while length < wanted {
-            let (next, run) = self.lookup(meta, offset + length)?;
-            let continues = match (mapping, next) {
-                (
-                    Mapping::Data { host_offset, .. },
-                    Mapping::Data {
-                        host_offset: next, ..
-                    },
-                ) => next == host_offset + length,
-                (first, next) => first == next,
-            };
-            if !continues {
-                break;
+        // The rest of the run, an L2 table at a time (`offset + length` is cluster aligned
+        // from here on): one cache lookup per table, not per cluster.
+        'tables: while length < wanted {
+            let guest = offset + length;
+            let (l1_index, first_index, _) = self.split(&meta.header, guest);
+            let l2_offset = self.l2_offset(meta, l1_index)?;
+            let span = meta.header.l2_span();
+            if l2_offset == UNALLOCATED {
+                if mapping != Mapping::Unallocated {
+                    break;
+                }
+                length += span - guest % span;
+                continue;
             }
-            length += run;
+            let header = meta.header.clone();
+            let file_end = self.file_end();
+            let clusters = (wanted - length).div_ceil(self.cluster_size);
+            let entries = self.l2_table(meta, l2_offset)?;
+            let last_index = entries.len().min(first_index + clusters as usize);
+            if first_index >= last_index {
+                return Err(Error::corrupt(format!(
+                    "QED L2 index {first_index} is outside the table"
+                )));
+            }
+            for (l2_index, &entry) in entries[first_index..last_index].iter().enumerate() {
+                check_entry(TableKind::L2, entry, &header, file_end).map_err(|problem| {
+                    Error::corrupt(format!(
+                        "QED L2 table at 0x{l2_offset:x}, entry {}: {problem}",
+                        first_index + l2_index
+                    ))
+                })?;
+                let continues = match (mapping, entry) {
+                    (Mapping::Unallocated, UNALLOCATED) => true,
+                    (Mapping::Zero { host_offset: None }, ZERO_CLUSTER) => true,
+                    (Mapping::Data { host_offset, .. }, host)
+                        if host != UNALLOCATED && host != ZERO_CLUSTER =>
+                    {
+                        host == host_offset + length
+                    }
+                    _ => false,
+                };
+                if !continues {
+                    break 'tables;
+                }
+                length += self.cluster_size;
+            }
         }
         Ok(Extent {
             mapping,
