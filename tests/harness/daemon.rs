@@ -222,8 +222,13 @@ impl Daemon {
     }
 
     /// SIGTERM, then waits for the exit.
-    pub fn terminate(mut self) -> Result<ExitStatus> {
-        self.signal("TERM")?;
+    pub fn terminate(self) -> Result<ExitStatus> {
+        self.signal_and_wait("TERM")
+    }
+
+    /// Sends `signal` (`"TERM"`, `"INT"`...), then waits for the exit.
+    pub fn signal_and_wait(mut self, signal: &str) -> Result<ExitStatus> {
+        self.signal(signal)?;
         let status = self.child_mut()?.wait()?;
         self.child = None;
         Ok(status)

@@ -5,6 +5,7 @@ pub mod damaged;
 pub mod fixtures;
 pub mod imgstream;
 pub mod ondisk;
+pub mod pagecache;
 pub mod qemu;
 pub mod tools;
 
