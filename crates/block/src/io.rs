@@ -12,6 +12,15 @@ const MAX_ALLOCATION_BYTES: u64 = 4 << 20;
 /// Size of the zero buffer used where zeroes have to be written as data.
 const ZERO_CHUNK: u64 = 1 << 20;
 
+/// What zeroing does where metadata alone cannot make a range read as zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZeroFallback {
+    /// Writes the zeroes as data.
+    WriteData,
+    /// Fails, having changed nothing.
+    Refuse,
+}
+
 /// How [`read_through_with`] gets bytes from the layers' files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fetch {
@@ -267,6 +276,26 @@ impl Disk {
     /// Makes guest bytes read as zeroes: whole clusters become zero clusters where the format
     /// can record them (releasing their space), partial clusters are written.
     pub fn write_zeroes(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
+        self.zero_range(offset, length, fua, ZeroFallback::WriteData)
+    }
+
+    /// [`Disk::write_zeroes`] only if no zeroes need writing as data (QEMU's
+    /// `BDRV_REQ_NO_FALLBACK`, NBD's `FAST_ZERO`): partial clusters at either end must read as
+    /// zeroes already, and whole clusters must become zeroes by metadata alone (zero clusters,
+    /// unallocated clusters over no backing image, holes in a raw file). Otherwise fails with
+    /// an unsupported error (`ENOTSUP`) and changes nothing, so that the caller can choose to
+    /// write the zeroes itself.
+    pub fn write_zeroes_without_fallback(&self, offset: u64, length: u64, fua: bool) -> Result<()> {
+        self.zero_range(offset, length, fua, ZeroFallback::Refuse)
+    }
+
+    fn zero_range(
+        &self,
+        offset: u64,
+        length: u64,
+        fua: bool,
+        fallback: ZeroFallback,
+    ) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, length)?;
         if length == 0 {
@@ -279,22 +308,99 @@ impl Disk {
         let _guard = self
             .locks
             .exclusive(self.align_down(offset), self.align_up(end));
-        // Whole clusters in the middle; the partial clusters at either end are written.
+        // Whole clusters in the middle; the partial clusters at either end are written. The
+        // last cluster of an image whose size it does not fill is whole from `end` = size on
+        // (not so in a raw file, whose end is the disk's).
         let whole_start = self.align_up(offset);
-        let whole_end = self.align_down(end).max(whole_start);
-        if whole_start > offset {
-            self.write_zero_data(&layers, offset, whole_start.min(end))?;
+        let whole_end = if end == self.size && !top.image.in_place() {
+            self.align_up(end)
+        } else {
+            self.align_down(end)
         }
-        if whole_end > whole_start {
-            self.zero_whole_clusters(&layers, whole_start, whole_end)?;
-        }
-        if end > whole_end {
-            self.write_zero_data(&layers, whole_end, end)?;
+        .max(whole_start);
+        let head = (whole_start > offset).then(|| (offset, whole_start.min(end)));
+        let tail = (end > whole_end).then_some((whole_end, end));
+        match fallback {
+            ZeroFallback::WriteData => {
+                for (start, end) in head.into_iter().chain(tail) {
+                    self.write_zero_data(&layers, start, end)?;
+                }
+                if whole_end > whole_start {
+                    self.zero_whole_clusters(&layers, whole_start, whole_end)?;
+                }
+            }
+            ZeroFallback::Refuse => {
+                for (start, end) in head.into_iter().chain(tail) {
+                    if !self.reads_as_zeroes(&layers, start, end)? {
+                        return Err(Error::unsupported(format!(
+                            "Zeroing {start}..{end} would write zeroes into a cluster with data"
+                        )));
+                    }
+                }
+                if whole_end > whole_start {
+                    self.zero_whole_clusters_by_metadata(&layers, whole_start, whole_end)?;
+                }
+            }
         }
         if fua {
             top.image.flush()?;
         }
         Ok(())
+    }
+
+    /// Whether guest bytes `[start, end)` (within one cluster) read as zeroes now.
+    fn reads_as_zeroes(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<bool> {
+        let mut bytes = vec![0u8; (end - start) as usize];
+        read_through(layers, 0, start, &mut bytes)?;
+        Ok(bytes.iter().all(|&b| b == 0))
+    }
+
+    /// Makes whole clusters `[start, end)` read as zeroes without writing any data, or fails
+    /// with an unsupported error having changed nothing.
+    fn zero_whole_clusters_by_metadata(
+        &self,
+        layers: &[Arc<Layer>],
+        start: u64,
+        end: u64,
+    ) -> Result<()> {
+        let image = &top_of(layers)?.image;
+        let refused = |why: &str| {
+            Err(Error::unsupported(format!(
+                "Zeroing {start}..{end} would write zeroes: {why}"
+            )))
+        };
+        if image.in_place() {
+            // Raw: a hole in the file reads as zeroes.
+            return if image.storage().punch_hole(start, end - start)? {
+                Ok(())
+            } else {
+                refused("the file system cannot punch holes")
+            };
+        }
+        if !image.releases_clusters() {
+            // QED zeroes allocated clusters in place; only the others become zero clusters.
+            let mut pos = start;
+            while pos < end {
+                let extent = image.map(pos, end - pos)?;
+                if matches!(
+                    extent.mapping,
+                    Mapping::Data { .. } | Mapping::Compressed { .. }
+                ) {
+                    return refused("the format cannot release a cluster with data");
+                }
+                pos += extent.length.max(1);
+            }
+            return self.zero_without_release(layers, start, end);
+        }
+        let count = (end - start) / self.cluster_size;
+        if image.zero_clusters(start, count)? {
+            return Ok(());
+        }
+        if self.unallocated_reads_zero(layers) {
+            image.unmap_clusters(start, count)?;
+            return Ok(());
+        }
+        refused("the format has no zero clusters and a backing image shows through")
     }
 
     /// Makes whole clusters `[start, end)` read as zeroes, as cheaply as the format allows.

@@ -2,7 +2,9 @@
 //! trait. The NBD server knows nothing of image formats; this is where the two meet.
 
 use imgstream_block::{Disk, Error};
-use imgstream_nbd::{BackendError, Export, ExportBackend, Server, ServerConfig, StatusRun};
+use imgstream_nbd::{
+    BackendError, Export, ExportBackend, Server, ServerConfig, StatusRun, ZeroFlags,
+};
 use imgstream_qmp::{NbdAddr, NbdHost};
 use std::sync::Arc;
 
@@ -41,18 +43,16 @@ impl ExportBackend for DiskExport {
         self.disk.write(offset, data, fua).map_err(backend_error)
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        _may_unmap: bool,
-        fua: bool,
-    ) -> Result<(), BackendError> {
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), BackendError> {
         // Zero clusters read as zeroes without allocation; NO_HOLE is only a "should" in the
         // NBD spec, and the guest-visible result is the same.
-        self.disk
-            .write_zeroes(offset, len, fua)
-            .map_err(backend_error)
+        if flags.fast_only {
+            self.disk
+                .write_zeroes_without_fallback(offset, len, flags.fua)
+        } else {
+            self.disk.write_zeroes(offset, len, flags.fua)
+        }
+        .map_err(backend_error)
     }
 
     fn trim(&self, offset: u64, len: u64) -> Result<(), BackendError> {

@@ -70,16 +70,8 @@ pub trait ExportBackend: Send + Sync + 'static {
     }
     /// Writes `data` at `offset`; with `fua`, durably before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
-    /// Makes `len` bytes at `offset` read as zeroes. With `may_unmap` the
-    /// backend may deallocate the range; without it, the range must stay
-    /// allocated (the client sent `NBD_CMD_FLAG_NO_HOLE`).
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-        fua: bool,
-    ) -> Result<(), BackendError>;
+    /// Makes `len` bytes at `offset` read as zeroes, as `flags` allow.
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), BackendError>;
     /// Hints that `len` bytes at `offset` are no longer needed; their
     /// content afterwards is unspecified.
     fn trim(&self, offset: u64, len: u64) -> Result<(), BackendError>;
@@ -93,12 +85,19 @@ pub trait ExportBackend: Send + Sync + 'static {
     fn cache(&self, _offset: u64, _len: u64) -> Result<(), BackendError> {
         Ok(())
     }
-    /// Whether [`write_zeroes`](Self::write_zeroes) is always faster than
-    /// writing the zeroes. If not, requests with `NBD_CMD_FLAG_FAST_ZERO`
-    /// fail at once with `NBD_ENOTSUP`, as the spec asks.
-    fn zeroes_are_fast(&self) -> bool {
-        false
-    }
+}
+
+/// How a WRITE_ZEROES request may make its range read as zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ZeroFlags {
+    /// The range may be deallocated; without it, it should stay allocated (the client sent
+    /// `NBD_CMD_FLAG_NO_HOLE`).
+    pub may_unmap: bool,
+    /// Only if that is faster than writing zeroes (`NBD_CMD_FLAG_FAST_ZERO`); otherwise fail
+    /// with `ENOTSUP` at once, having changed nothing, and the client writes them itself.
+    pub fast_only: bool,
+    /// Durably before returning (`NBD_CMD_FLAG_FUA`).
+    pub fua: bool,
 }
 
 /// A disk offered to clients under a name.

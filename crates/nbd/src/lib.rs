@@ -27,7 +27,7 @@ mod server;
 mod transmission;
 mod workers;
 
-pub use export::{BackendError, Export, ExportBackend, ExportError, StatusRun};
+pub use export::{BackendError, Export, ExportBackend, ExportError, StatusRun, ZeroFlags};
 pub use protocol::nbd_error_from_errno;
 pub use server::{Server, ServerConfig};
 pub use transmission::MAX_PAYLOAD_SIZE;

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::export::{BackendError, ExportBackend, StatusRun};
+use crate::export::{BackendError, ExportBackend, StatusRun, ZeroFlags};
 use crate::handshake::{Negotiated, BASE_ALLOCATION_ID};
 use crate::latch::Latch;
 use crate::protocol::*;
@@ -106,8 +106,7 @@ pub(crate) enum Command {
     WriteZeroes {
         offset: u64,
         len: u32,
-        may_unmap: bool,
-        fua: bool,
+        flags: ZeroFlags,
     },
     BlockStatus {
         offset: u64,
@@ -128,7 +127,6 @@ pub(crate) struct Session {
     pub(crate) read_only: bool,
     pub(crate) structured: bool,
     pub(crate) base_allocation: bool,
-    pub(crate) zeroes_are_fast: bool,
 }
 
 /// A request refused without reaching the backend.
@@ -212,8 +210,9 @@ pub(crate) fn check_request(h: &RequestHeader, s: &Session) -> Result<Command, R
         }
     }
     let bounded = match h.kind {
+        // TRIM, WRITE_ZEROES and BLOCK_STATUS carry no payload: any length is served, as
+        // QEMU's server does.
         NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_CACHE => true,
-        NBD_CMD_WRITE_ZEROES => !flag(NBD_CMD_FLAG_FAST_ZERO),
         _ => false,
     };
     if bounded && h.len > MAX_PAYLOAD_SIZE {
@@ -241,20 +240,15 @@ pub(crate) fn check_request(h: &RequestHeader, s: &Session) -> Result<Command, R
             fua: flag(NBD_CMD_FLAG_FUA),
         },
         NBD_CMD_CACHE => Command::Cache { offset, len },
-        NBD_CMD_WRITE_ZEROES => {
-            if flag(NBD_CMD_FLAG_FAST_ZERO) && !s.zeroes_are_fast {
-                return Err(reject(
-                    NBD_ENOTSUP,
-                    "Zeroing is not faster than writing on this export",
-                ));
-            }
-            Command::WriteZeroes {
-                offset,
-                len,
+        NBD_CMD_WRITE_ZEROES => Command::WriteZeroes {
+            offset,
+            len,
+            flags: ZeroFlags {
                 may_unmap: !flag(NBD_CMD_FLAG_NO_HOLE),
+                fast_only: flag(NBD_CMD_FLAG_FAST_ZERO),
                 fua: flag(NBD_CMD_FLAG_FUA),
-            }
-        }
+            },
+        },
         NBD_CMD_BLOCK_STATUS => {
             if len == 0 {
                 return Err(reject(NBD_EINVAL, "NBD_CMD_BLOCK_STATUS of 0 bytes"));
@@ -358,13 +352,8 @@ async fn execute(
                 })
                 .await
         }
-        Command::WriteZeroes {
-            offset,
-            len,
-            may_unmap,
-            fua,
-        } => workers
-            .run(move || backend.write_zeroes(offset, len.into(), may_unmap, fua))
+        Command::WriteZeroes { offset, len, flags } => workers
+            .run(move || backend.write_zeroes(offset, len.into(), flags))
             .await
             .map(|()| Reply::Done),
         Command::BlockStatus {
@@ -440,7 +429,6 @@ where
         read_only: negotiated.export.read_only,
         structured: negotiated.structured,
         base_allocation: negotiated.base_allocation,
-        zeroes_are_fast: backend.zeroes_are_fast(),
     };
     let (reader, writer) = tokio::io::split(stream);
     let mut reader = BufReader::new(reader);
@@ -574,7 +562,6 @@ mod tests {
             read_only: false,
             structured: true,
             base_allocation: true,
-            zeroes_are_fast: true,
         }
     }
 
@@ -702,15 +689,17 @@ mod tests {
                 base_allocation: structured,
                 ..session()
             };
-            for kind in [NBD_CMD_READ, NBD_CMD_CACHE, NBD_CMD_WRITE_ZEROES] {
+            for kind in [NBD_CMD_READ, NBD_CMD_CACHE] {
                 assert_eq!(
                     error_of(header(kind, 0, 0, MAX_PAYLOAD_SIZE + 1), &s),
                     NBD_EINVAL
                 );
                 assert!(check_request(&header(kind, 0, 0, MAX_PAYLOAD_SIZE), &s).is_ok());
             }
-            // Trim and block status have no payload, so no maximum.
-            assert!(check_request(&header(NBD_CMD_TRIM, 0, 0, u32::MAX), &s).is_ok());
+            // Trim, write-zeroes and block status have no payload, so no maximum.
+            for kind in [NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES] {
+                assert!(check_request(&header(kind, 0, 0, u32::MAX), &s).is_ok());
+            }
         }
     }
 
@@ -754,40 +743,33 @@ mod tests {
     }
 
     #[test]
-    fn write_zeroes_flags_choose_unmap_and_fast_zero() {
+    fn write_zeroes_flags_reach_the_backend_and_any_length_is_accepted() {
         let s = session();
-        let zero = |flags| check_request(&header(NBD_CMD_WRITE_ZEROES, flags, 0, 512), &s);
-        assert_eq!(
-            zero(0),
+        let zero = |flags, len| check_request(&header(NBD_CMD_WRITE_ZEROES, flags, 0, len), &s);
+        let command = |may_unmap, fast_only, fua| {
             Ok(Command::WriteZeroes {
                 offset: 0,
                 len: 512,
-                may_unmap: true,
-                fua: false
+                flags: ZeroFlags {
+                    may_unmap,
+                    fast_only,
+                    fua,
+                },
             })
-        );
-        assert_eq!(
-            zero(NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FUA),
-            Ok(Command::WriteZeroes {
-                offset: 0,
-                len: 512,
-                may_unmap: false,
-                fua: true
-            })
-        );
-        assert!(zero(NBD_CMD_FLAG_FAST_ZERO).is_ok());
-        let slow = Session {
-            zeroes_are_fast: false,
-            ..s
         };
+        assert_eq!(zero(0, 512), command(true, false, false));
         assert_eq!(
-            error_of(
-                header(NBD_CMD_WRITE_ZEROES, NBD_CMD_FLAG_FAST_ZERO, 0, 512),
-                &slow
-            ),
-            NBD_ENOTSUP
+            zero(NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FUA, 512),
+            command(false, false, true)
         );
-        assert!(check_request(&header(NBD_CMD_WRITE_ZEROES, 0, 0, 512), &slow).is_ok());
+        assert_eq!(
+            zero(NBD_CMD_FLAG_FAST_ZERO, 512),
+            command(true, true, false)
+        );
+        // Past the maximum payload size: no payload to bound, as with TRIM (QEMU's server
+        // accepts these too); the disk's end still bounds it.
+        let big = Session { size: 1 << 30, ..s };
+        assert!(check_request(&header(NBD_CMD_WRITE_ZEROES, 0, 0, 64 << 20), &big).is_ok());
     }
 
     #[test]

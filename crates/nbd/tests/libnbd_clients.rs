@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use imgstream_nbd::{ExportBackend, ServerConfig};
+use imgstream_nbd::{ExportBackend, ServerConfig, ZeroFlags};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -58,7 +58,9 @@ fn nbdinfo_list_shows_exports_and_descriptions() {
 fn nbdinfo_map_matches_the_backend_allocation() {
     let backend = Arc::new(MemBackend::new(4 * MIB));
     backend.fill(0, 64 * 1024, 0xaa);
-    backend.write_zeroes(MIB, 128 * 1024, false, false).unwrap();
+    backend
+        .write_zeroes(MIB, 128 * 1024, ZeroFlags::default())
+        .unwrap();
     backend.fill(2 * MIB, 4096, 0x55);
     let ts = TestServer::start(vec![("disk", export(&backend))]);
 
@@ -166,7 +168,9 @@ print('data', h.pread(2, 510) == b'\\x33\\x33')",
 fn nbdsh_block_status_honours_req_one_and_reports_holes_and_zeroes() {
     let backend = Arc::new(MemBackend::new(MIB));
     backend.fill(0, 8192, 1);
-    backend.write_zeroes(8192, 8192, false, false).unwrap();
+    backend
+        .write_zeroes(8192, 8192, ZeroFlags::default())
+        .unwrap();
     let ts = TestServer::start(vec![("disk", export(&backend))]);
     let out = nbdsh(
         &ts.uri("disk"),

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use common::*;
+use imgstream_nbd::ZeroFlags;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -66,7 +67,9 @@ fn layered_backend() -> Arc<MemBackend> {
     use imgstream_nbd::ExportBackend;
     let backend = Arc::new(MemBackend::new(4 * MIB));
     backend.fill(0, 64 * 1024, 0xaa);
-    backend.write_zeroes(MIB, 128 * 1024, false, false).unwrap();
+    backend
+        .write_zeroes(MIB, 128 * 1024, ZeroFlags::default())
+        .unwrap();
     backend.fill(2 * MIB, MIB, 0x55);
     backend.fill(3 * MIB + 4096, 4096, 0x01);
     backend

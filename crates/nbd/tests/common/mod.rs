@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use imgstream_nbd::protocol::*;
-use imgstream_nbd::{BackendError, Export, ExportBackend, Server, ServerConfig, StatusRun};
+use imgstream_nbd::{
+    BackendError, Export, ExportBackend, Server, ServerConfig, StatusRun, ZeroFlags,
+};
 
 /// Granularity of the test backend's allocation map.
 pub const CLUSTER: u64 = 4096;
@@ -147,16 +149,20 @@ impl ExportBackend for MemBackend {
         })
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_unmap: bool,
-        _fua: bool,
-    ) -> Result<(), BackendError> {
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<(), BackendError> {
+        if flags.fast_only && !self.zeroes_are_fast {
+            return Err(BackendError::new(
+                libc::ENOTSUP,
+                "zeroing is not faster than writing here",
+            ));
+        }
         let mut mem = self.mem.lock().unwrap();
         mem.data[offset as usize..(offset + len) as usize].fill(0);
-        let state = if may_unmap { State::Hole } else { State::Zero };
+        let state = if flags.may_unmap {
+            State::Hole
+        } else {
+            State::Zero
+        };
         mem.map[Self::whole_clusters(offset, len)].fill(state);
         Ok(())
     }
@@ -194,10 +200,6 @@ impl ExportBackend for MemBackend {
             at = next;
         }
         Ok(runs)
-    }
-
-    fn zeroes_are_fast(&self) -> bool {
-        self.zeroes_are_fast
     }
 }
 
