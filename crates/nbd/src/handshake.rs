@@ -59,11 +59,12 @@ impl OptionError {
     }
 }
 
-/// The transmission flags advertised for `export`.
+/// The transmission flags advertised for `export`, with `structured` replies negotiated or not.
 ///
 /// Write-like commands are not advertised on a read-only export (as QEMU
-/// does); a client that sends them anyway gets `NBD_EPERM`.
-pub(crate) fn transmission_flags(export: &Export) -> u16 {
+/// does); a client that sends them anyway gets `NBD_EPERM`. `NBD_FLAG_SEND_DF` comes with
+/// structured replies, as the spec asks: a read is always answered in one chunk anyway.
+pub(crate) fn transmission_flags(export: &Export, structured: bool) -> u16 {
     let mut flags = NBD_FLAG_HAS_FLAGS
         | NBD_FLAG_SEND_FLUSH
         | NBD_FLAG_SEND_FUA
@@ -73,6 +74,9 @@ pub(crate) fn transmission_flags(export: &Export) -> u16 {
         flags |= NBD_FLAG_READ_ONLY;
     } else {
         flags |= NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
+    }
+    if structured {
+        flags |= NBD_FLAG_SEND_DF;
     }
     flags
 }
@@ -316,7 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
         let size = export.backend.size();
         let mut msg = Vec::with_capacity(10 + 124);
         msg.extend_from_slice(&size.to_be_bytes());
-        msg.extend_from_slice(&transmission_flags(&export).to_be_bytes());
+        msg.extend_from_slice(&transmission_flags(&export, self.structured).to_be_bytes());
         if !self.no_zeroes {
             msg.extend_from_slice(&[0; 124]);
         }
@@ -374,7 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
         let mut info = Vec::with_capacity(12);
         info.extend_from_slice(&NBD_INFO_EXPORT.to_be_bytes());
         info.extend_from_slice(&size.to_be_bytes());
-        info.extend_from_slice(&transmission_flags(&export).to_be_bytes());
+        info.extend_from_slice(&transmission_flags(&export, self.structured).to_be_bytes());
         self.reply(option, NBD_REP_INFO, &info).await?;
 
         // Sent whether asked for or not: the maximum is tighter than the

@@ -164,6 +164,8 @@ pub(crate) fn check_request(h: &RequestHeader, s: &Session) -> Result<Command, R
     // FUA "is valid for all commands" once NBD_FLAG_SEND_FUA is advertised.
     let valid_flags = NBD_CMD_FLAG_FUA
         | match h.kind {
+            // Every read is answered in one chunk: "don't fragment" asks for nothing more.
+            NBD_CMD_READ if s.structured => NBD_CMD_FLAG_DF,
             NBD_CMD_READ | NBD_CMD_WRITE | NBD_CMD_FLUSH | NBD_CMD_TRIM | NBD_CMD_CACHE => 0,
             NBD_CMD_WRITE_ZEROES => NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO,
             NBD_CMD_BLOCK_STATUS => NBD_CMD_FLAG_REQ_ONE,
@@ -216,7 +218,8 @@ pub(crate) fn check_request(h: &RequestHeader, s: &Session) -> Result<Command, R
         _ => false,
     };
     if bounded && h.len > MAX_PAYLOAD_SIZE {
-        // The spec says EINVAL here, and to keep EOVERFLOW for NBD_CMD_FLAG_DF.
+        // EINVAL, as the spec says; with NBD_CMD_FLAG_DF too, as QSD answers (the spec keeps
+        // EOVERFLOW for a read that DF keeps from being sent in several chunks: ours never is).
         return Err(reject(
             NBD_EINVAL,
             format!(
@@ -722,8 +725,15 @@ mod tests {
         for kind in [8, 9, 0x100, u16::MAX] {
             assert_eq!(error_of(header(kind, 0, 0, 0), &s), NBD_EINVAL);
         }
+        // DF only with structured replies, where NBD_FLAG_SEND_DF is advertised.
+        assert!(check_request(&header(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 512), &s).is_ok());
+        let simple = Session {
+            structured: false,
+            base_allocation: false,
+            ..s
+        };
         assert_eq!(
-            error_of(header(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 512), &s),
+            error_of(header(NBD_CMD_READ, NBD_CMD_FLAG_DF, 0, 512), &simple),
             NBD_EINVAL
         );
         assert_eq!(

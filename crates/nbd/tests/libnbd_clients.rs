@@ -352,3 +352,40 @@ fn fio_nbd_engine_with_iodepth_16_verifies_its_writes() {
     );
     assert!(backend.max_in_flight.load(Ordering::SeqCst) >= 1);
 }
+
+#[test]
+fn nbdsh_reads_with_dont_fragment_once_structured_replies_are_negotiated() {
+    // What qemu-storage-daemon 10 answers the same script with: can_df True after structured
+    // replies, a DF read served, an over-long one EINVAL with DF or without.
+    let backend = Arc::new(MemBackend::new(64 * MIB));
+    backend.fill(0, 4096, 0x5d);
+    let ts = TestServer::start(vec![("disk", export(&backend))]);
+    let out = nbdsh(
+        &ts.uri("disk"),
+        "",
+        &format!(
+            "{TRY_ERRNO}
+print('can_df', h.can_df())
+print('df', h.pread(4096, 0, nbd.CMD_FLAG_DF) == b'\\x5d' * 4096)
+print('df-long', errno_of(lambda: h.pread(32 * 1024 * 1024 + 1, 0, nbd.CMD_FLAG_DF)))
+print('long', errno_of(lambda: h.pread(32 * 1024 * 1024 + 1, 0)))"
+        ),
+    );
+    assert!(out.contains("can_df True"), "{out}");
+    assert!(out.contains("df True"), "{out}");
+    assert!(out.contains("df-long EINVAL"), "{out}");
+    assert!(out.contains("long EINVAL"), "{out}");
+
+    // Without structured replies the flag is not advertised, and a DF read is refused.
+    let out = nbdsh(
+        &ts.uri("disk"),
+        "h.set_request_structured_replies(False)",
+        &format!(
+            "{TRY_ERRNO}
+print('can_df', h.can_df())
+print('df', errno_of(lambda: h.pread(4096, 0, nbd.CMD_FLAG_DF)))"
+        ),
+    );
+    assert!(out.contains("can_df False"), "{out}");
+    assert!(out.contains("df EINVAL"), "{out}");
+}
