@@ -123,6 +123,11 @@ impl QmpClient {
         Ok(reply.get("return").cloned().unwrap_or(Value::Null))
     }
 
+    /// The next event that arrived while a command waited for its reply, without reading.
+    pub fn queued_event(&mut self) -> Option<Value> {
+        self.events.pop_front()
+    }
+
     /// The next event, waiting at most `timeout`.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Value>> {
         if let Some(event) = self.events.pop_front() {
