@@ -63,6 +63,17 @@ impl Daemon {
     /// image a file node plus a format node, the top exported writable over NBD as `export`.
     /// `chain` is top first: (node name, path, format).
     pub fn qsd(dir: &Path, chain: &[(&str, &Path, &str)], export: &str) -> Result<Daemon> {
+        Daemon::qsd_with(dir, chain, export, &[])
+    }
+
+    /// [`Daemon::qsd`] with `extra` arguments after the others (a second `--monitor`, say: a
+    /// QSD monitor serves one client at a time, the next waits for it to leave).
+    pub fn qsd_with(
+        dir: &Path,
+        chain: &[(&str, &Path, &str)],
+        export: &str,
+        extra: &[&str],
+    ) -> Result<Daemon> {
         let program = tools::require("qemu-storage-daemon", "qemu-system-common")?;
         let (qmp, nbd, pid_file, stderr) = paths(dir, "qsd");
         let mut args: Vec<String> = Vec::new();
@@ -93,6 +104,7 @@ impl Daemon {
             "--pidfile".into(),
             pid_file.display().to_string(),
         ]);
+        args.extend(extra.iter().map(|a| a.to_string()));
         Daemon::start(&program, &args, qmp, nbd, pid_file, stderr)
     }
 
