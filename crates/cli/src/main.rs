@@ -2,6 +2,8 @@
 
 mod commands;
 mod export;
+#[cfg(test)]
+mod export_multi_conn;
 mod qmp_client;
 mod size;
 mod usage;
