@@ -1,7 +1,9 @@
 //! Argument checking with QAPI's messages and order: members in their declared order
-//! (missing, then wrong type, then bad enum value), then any member left over is unexpected.
+//! (missing, then wrong type, then bad enum value), then any member left over is unexpected
+//! (the one QEMU's hash table yields first, `qdict::first_unexpected`).
 
 use crate::error::QmpError;
+use crate::qdict::{first_unexpected, KeyOrder};
 use serde_json::{Map, Value};
 
 /// The QAPI type of an argument.
@@ -42,8 +44,12 @@ pub const fn opt(name: &'static str, ty: ArgType) -> Member {
 #[derive(Debug, Clone, Default)]
 pub struct Args(Map<String, Value>);
 
-/// Checks `args` against `members`, in QAPI's order.
-pub fn check(members: &[Member], args: Map<String, Value>) -> Result<Args, QmpError> {
+/// Checks `args` (whose keys came in `order`) against `members`, in QAPI's order.
+pub fn check(
+    members: &[Member],
+    args: Map<String, Value>,
+    order: &KeyOrder,
+) -> Result<Args, QmpError> {
     for member in members {
         let Some(value) = args.get(member.name) else {
             if member.required {
@@ -56,10 +62,12 @@ pub fn check(members: &[Member], args: Map<String, Value>) -> Result<Args, QmpEr
         };
         check_type(member.name, member.ty, value)?;
     }
-    if let Some(extra) = args
-        .keys()
-        .find(|key| !members.iter().any(|m| m.name == key.as_str()))
-    {
+    let read: Vec<&str> = members
+        .iter()
+        .map(|m| m.name)
+        .filter(|name| args.contains_key(*name))
+        .collect();
+    if let Some(extra) = first_unexpected(&order.qdict_keys(&args), &read) {
         return Err(QmpError::generic(format!(
             "Parameter '{extra}' is unexpected"
         )));
@@ -147,7 +155,7 @@ mod tests {
         let Value::Object(map) = args else {
             panic!("test arguments must be an object")
         };
-        match check(STREAM, map) {
+        match check(STREAM, map, &KeyOrder::default()) {
             Ok(_) => "ok".into(),
             Err(e) => e.desc,
         }

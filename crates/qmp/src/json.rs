@@ -1,8 +1,10 @@
 //! JSON as QEMU's monitor reads and writes it: a tokenizer that splits a byte stream into
 //! values the way QEMU's json-lexer/json-streamer do (a value is complete when its brackets
-//! balance; QEMU's error texts; single-quoted strings accepted), a parser for one value, and
-//! the output format (`{"a": 1, "b": [2, 3]}`, non-ASCII escaped as `\uXXXX`).
+//! balance; QEMU's error texts; single-quoted strings accepted), a parser for one value that
+//! also keeps each object's key order (see [`KeyOrder`]), and the output format
+//! (`{"a": 1, "b": [2, 3]}`, non-ASCII escaped as `\uXXXX`).
 
+use crate::qdict::KeyOrder;
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
@@ -55,8 +57,9 @@ enum LexState {
     Recovery,
 }
 
-/// One complete input value, or the error QEMU answers for it.
-pub type Parsed = Result<Value, String>;
+/// One complete input value with the key order of its objects, or the error QEMU answers for
+/// it.
+pub type Parsed = Result<(Value, KeyOrder), String>;
 
 /// Splits a byte stream into JSON values as they complete.
 #[derive(Debug)]
@@ -97,6 +100,32 @@ impl Streamer {
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Parsed>) {
         for &byte in bytes {
             self.feed_byte(byte, out);
+        }
+    }
+
+    /// Ends the input, as QEMU's `json_lexer_flush()`: a number or keyword in progress ends,
+    /// any other unfinished token is stray, and a value left open is parsed as it is
+    /// (`premature EOI`).
+    pub fn finish(&mut self, out: &mut Vec<Parsed>) {
+        use LexState::*;
+        match self.state {
+            Start | Recovery => {}
+            Zero | Digits => {
+                self.emit(TokenKind::Integer, out);
+            }
+            Fraction | ExpDigits => {
+                self.emit(TokenKind::Float, out);
+            }
+            Keyword => {
+                self.emit(TokenKind::Keyword, out);
+            }
+            Str { .. } | Minus | Dot | Exp | ExpSign => self.lex_error(out),
+        }
+        self.state = Start;
+        if !self.tokens.is_empty() {
+            let tokens = std::mem::take(&mut self.tokens);
+            self.reset();
+            out.push(parse_tokens(&tokens));
         }
     }
 
@@ -286,6 +315,23 @@ enum Step {
     Again,
 }
 
+/// Parses `text` as exactly one JSON value, as QEMU's `qobject_from_json()` (command-line
+/// options in JSON): the first error wins, a second value is an error.
+pub fn parse_one(text: &[u8]) -> Parsed {
+    let mut streamer = Streamer::new();
+    let mut out = Vec::new();
+    streamer.feed(text, &mut out);
+    streamer.finish(&mut out);
+    let mut values = out.into_iter();
+    let first = values
+        .next()
+        .unwrap_or_else(|| Err("Expecting a JSON value".into()))?;
+    match values.next() {
+        None => Ok(first),
+        Some(_) => Err("Expecting at most one JSON value".into()),
+    }
+}
+
 /// Parses one complete value from its tokens, with QEMU's error texts.
 fn parse_tokens(tokens: &[Token]) -> Parsed {
     let mut parser = Parser { tokens, at: 0 };
@@ -312,25 +358,26 @@ impl Parser<'_> {
             .ok_or_else(|| "premature EOI".into())
     }
 
-    fn value(&mut self) -> Result<Value, String> {
+    fn value(&mut self) -> Result<(Value, KeyOrder), String> {
         let token = self.peek()?.clone();
+        let plain = |value| Ok((value, KeyOrder::default()));
         match token.kind {
             TokenKind::LCurly => self.object(),
             TokenKind::LSquare => self.array(),
             TokenKind::String => {
                 self.at += 1;
-                parse_string(&token.text).map(Value::String)
+                plain(Value::String(parse_string(&token.text)?))
             }
             TokenKind::Integer | TokenKind::Float => {
                 self.at += 1;
-                Ok(parse_number(&token))
+                plain(parse_number(&token))
             }
             TokenKind::Keyword => {
                 self.at += 1;
                 match &token.text[..] {
-                    b"true" => Ok(Value::Bool(true)),
-                    b"false" => Ok(Value::Bool(false)),
-                    b"null" => Ok(Value::Null),
+                    b"true" => plain(Value::Bool(true)),
+                    b"false" => plain(Value::Bool(false)),
+                    b"null" => plain(Value::Null),
                     other => Err(format!(
                         "invalid keyword '{}'",
                         String::from_utf8_lossy(other)
@@ -341,42 +388,47 @@ impl Parser<'_> {
         }
     }
 
-    fn object(&mut self) -> Result<Value, String> {
+    fn object(&mut self) -> Result<(Value, KeyOrder), String> {
         self.at += 1;
         let mut map = Map::new();
+        let mut order = KeyOrder::default();
         if self.peek()?.kind == TokenKind::RCurly {
             self.at += 1;
-            return Ok(Value::Object(map));
+            return Ok((Value::Object(map), order));
         }
         loop {
-            let key = match self.value()? {
+            let key = match self.value()?.0 {
                 Value::String(key) => key,
                 _ => return Err("key is not a string in object".into()),
             };
             if self.next()?.kind != TokenKind::Colon {
                 return Err("missing : in object pair".into());
             }
-            let value = self.value()?;
+            let (value, member_order) = self.value()?;
+            order.push(key.clone(), member_order);
             map.insert(key, value);
             match self.next()?.kind {
-                TokenKind::RCurly => return Ok(Value::Object(map)),
+                TokenKind::RCurly => return Ok((Value::Object(map), order)),
                 TokenKind::Comma => {}
                 _ => return Err("expected separator in dict".into()),
             }
         }
     }
 
-    fn array(&mut self) -> Result<Value, String> {
+    fn array(&mut self) -> Result<(Value, KeyOrder), String> {
         self.at += 1;
         let mut list = Vec::new();
         if self.peek()?.kind == TokenKind::RSquare {
             self.at += 1;
-            return Ok(Value::Array(list));
+            return Ok((Value::Array(list), KeyOrder::default()));
         }
+        let mut items = Vec::new();
         loop {
-            list.push(self.value()?);
+            let (item, order) = self.value()?;
+            list.push(item);
+            items.push(order);
             match self.next()?.kind {
-                TokenKind::RSquare => return Ok(Value::Array(list)),
+                TokenKind::RSquare => return Ok((Value::Array(list), KeyOrder::array(items))),
                 TokenKind::Comma => {}
                 _ => return Err("expected separator in list".into()),
             }
@@ -528,6 +580,44 @@ impl serde_json::ser::Formatter for QemuFormatter {
     }
 }
 
+/// A parsed value that serializes its objects' members in QDict order.
+struct InQDictOrder<'a> {
+    value: &'a Value,
+    order: &'a KeyOrder,
+}
+
+impl Serialize for InQDictOrder<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        let unknown = KeyOrder::default();
+        match self.value {
+            Value::Object(map) => {
+                let mut out = serializer.serialize_map(Some(map.len()))?;
+                for key in self.order.qdict_keys(map) {
+                    let order = self.order.member_order(key).unwrap_or(&unknown);
+                    out.serialize_entry(
+                        key,
+                        &InQDictOrder {
+                            value: &map[key],
+                            order,
+                        },
+                    )?;
+                }
+                out.end()
+            }
+            Value::Array(items) => {
+                let mut out = serializer.serialize_seq(Some(items.len()))?;
+                for (i, value) in items.iter().enumerate() {
+                    let order = self.order.item(i).unwrap_or(&unknown);
+                    out.serialize_element(&InQDictOrder { value, order })?;
+                }
+                out.end()
+            }
+            other => other.serialize(serializer),
+        }
+    }
+}
+
 /// JSON text, already serialized in QEMU's format.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Json(pub String);
@@ -545,6 +635,12 @@ impl Json {
         Json(String::from_utf8(bytes).unwrap_or_else(|_| "null".into()))
     }
 
+    /// Serializes a value that came from a client as QEMU sends it back: object members in
+    /// QDict order (`order` is the value's input order).
+    pub fn of_input(value: &Value, order: &KeyOrder) -> Json {
+        Json::of(&InQDictOrder { value, order })
+    }
+
     pub fn empty_object() -> Json {
         Json("{}".into())
     }
@@ -559,13 +655,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn feed_all(chunks: &[&[u8]]) -> Vec<Parsed> {
+    /// The values (without their key order) or errors that `chunks` complete.
+    fn feed_all(chunks: &[&[u8]]) -> Vec<Result<Value, String>> {
         let mut streamer = Streamer::new();
         let mut out = Vec::new();
         for chunk in chunks {
             streamer.feed(chunk, &mut out);
         }
-        out
+        out.into_iter().map(|p| p.map(|(value, _)| value)).collect()
     }
 
     #[test]
@@ -639,7 +736,7 @@ mod tests {
         streamer.feed(b"42", &mut out);
         assert!(out.is_empty());
         streamer.feed(b" ", &mut out);
-        assert_eq!(out, vec![Ok(json!(42))]);
+        assert_eq!(out, vec![Ok((json!(42), KeyOrder::default()))]);
     }
 
     #[test]
@@ -661,6 +758,25 @@ mod tests {
         assert_eq!(
             Json::of(&value).0,
             r#"{"a": [1, 2], "b": "\u00E9\uD83D\uDE00"}"#
+        );
+    }
+
+    #[test]
+    fn parse_one_wants_exactly_one_complete_value() {
+        let value = |text: &[u8]| parse_one(text).map(|(v, _)| v);
+        assert_eq!(value(b"{\"a\": 1}"), Ok(json!({"a": 1})));
+        assert_eq!(value(b"12"), Ok(json!(12)));
+        assert_eq!(
+            value(b"{\"a\": 1"),
+            Err("JSON parse error, premature EOI".into())
+        );
+        assert_eq!(
+            value(b"{\"a\": \"x"),
+            Err("JSON parse error, stray '\"x'".into())
+        );
+        assert_eq!(
+            value(b"{} {}"),
+            Err("Expecting at most one JSON value".into())
         );
     }
 }

@@ -3,6 +3,8 @@
 //! typed reads of its members that accept either form (keyval values are all strings).
 
 use crate::error::QmpError;
+use crate::json;
+use crate::qdict::{first_unexpected, KeyOrder};
 use serde_json::{Map, Value};
 
 /// An option object and how it was written (keyval scalars are strings until read).
@@ -12,33 +14,40 @@ pub struct Opts {
     pub keyval: bool,
     /// The dotted path of this object inside the whole option ("" at the root, "file." below).
     pub prefix: String,
+    /// The input order of the object's keys (QEMU names a leftover member by it).
+    order: KeyOrder,
+    /// The members taken so far, in order.
+    read: Vec<String>,
 }
 
 /// Parses one command-line option value: JSON when it starts with `{`, else dotted keys.
 /// `implied` names the key a leading bare value stands for (`socket` in `--chardev socket,..`).
 pub fn parse_option(text: &str, implied: Option<&str>) -> Result<Opts, String> {
     if text.trim_start().starts_with('{') {
-        let value: Value = serde_json::from_str(text).map_err(|e| format!("{e}"))?;
-        match value {
-            Value::Object(map) => Ok(Opts {
-                map,
-                keyval: false,
-                prefix: String::new(),
-            }),
+        // The monitor's JSON parser, with its errors (`JSON parse error, premature EOI`).
+        match json::parse_one(text.as_bytes())? {
+            (Value::Object(map), order) => Ok(Opts::new(map, false, order)),
             _ => Err("JSON option must be an object".into()),
         }
     } else {
-        Ok(Opts {
-            map: parse_keyval(text, implied)?,
-            keyval: true,
-            prefix: String::new(),
-        })
+        let (map, order) = parse_keyval_ordered(text, implied)?;
+        Ok(Opts::new(map, true, order))
     }
 }
 
 /// QEMU's `keyval_parse`: `key=value` pairs split at single commas, dotted keys nest.
 pub fn parse_keyval(text: &str, implied: Option<&str>) -> Result<Map<String, Value>, String> {
+    parse_keyval_ordered(text, implied).map(|(map, _)| map)
+}
+
+/// [`parse_keyval`], with the order in which each object's keys first appeared (the order
+/// QEMU adds them to its QDicts).
+fn parse_keyval_ordered(
+    text: &str,
+    implied: Option<&str>,
+) -> Result<(Map<String, Value>, KeyOrder), String> {
     let mut root = Map::new();
+    let mut order = KeyOrder::default();
     let mut rest = text;
     let mut first = true;
     while !rest.is_empty() {
@@ -64,9 +73,9 @@ pub fn parse_keyval(text: &str, implied: Option<&str>) -> Result<Map<String, Val
         if key.is_empty() || key.split('.').any(str::is_empty) {
             return Err(format!("Invalid parameter '{key}'"));
         }
-        insert_dotted(&mut root, &key, value)?;
+        insert_dotted(&mut root, &mut order, &key, value)?;
     }
-    Ok(root)
+    Ok((root, order))
 }
 
 /// Reads a value up to a single comma (`,,` is a comma); returns it and what follows.
@@ -87,10 +96,17 @@ fn take_value(text: &str) -> (String, &str) {
     (value, "")
 }
 
-fn insert_dotted(root: &mut Map<String, Value>, key: &str, value: String) -> Result<(), String> {
+fn insert_dotted(
+    root: &mut Map<String, Value>,
+    root_order: &mut KeyOrder,
+    key: &str,
+    value: String,
+) -> Result<(), String> {
     let mut map = root;
+    let mut order = root_order;
     let mut parts = key.split('.').peekable();
     while let Some(part) = parts.next() {
+        order.push(part.to_string(), KeyOrder::default());
         if parts.peek().is_none() {
             if map.get(part).is_some_and(Value::is_object) {
                 return Err(format!("Parameter '{key}' used inconsistently"));
@@ -104,6 +120,9 @@ fn insert_dotted(root: &mut Map<String, Value>, key: &str, value: String) -> Res
         map = entry
             .as_object_mut()
             .ok_or_else(|| format!("Parameter '{key}' used inconsistently"))?;
+        order = order
+            .member_mut(part)
+            .ok_or_else(|| format!("Parameter '{key}' used inconsistently"))?;
     }
     Ok(())
 }
@@ -115,13 +134,19 @@ fn invalid_type(name: &str, expected: &str) -> QmpError {
 }
 
 impl Opts {
-    /// Wraps a QMP argument object.
-    pub fn qmp(map: Map<String, Value>) -> Opts {
+    fn new(map: Map<String, Value>, keyval: bool, order: KeyOrder) -> Opts {
         Opts {
             map,
-            keyval: false,
+            keyval,
             prefix: String::new(),
+            order,
+            read: Vec::new(),
         }
+    }
+
+    /// Wraps a QMP argument object whose keys came in `order`.
+    pub fn qmp(map: Map<String, Value>, order: KeyOrder) -> Opts {
+        Opts::new(map, false, order)
     }
 
     pub fn full(&self, key: &str) -> String {
@@ -130,7 +155,9 @@ impl Opts {
 
     /// Takes member `key` out (so that [`Opts::finish`] can report what was left over).
     pub fn take(&mut self, key: &str) -> Option<Value> {
-        self.map.remove(key)
+        let value = self.map.remove(key)?;
+        self.read.push(key.to_string());
+        Some(value)
     }
 
     pub fn required(&mut self, key: &str) -> Result<Value, QmpError> {
@@ -195,22 +222,35 @@ impl Opts {
         }
     }
 
+    /// Member `key`'s object `map` (already taken), read with the same mode.
+    pub fn child(&self, key: &str, map: Map<String, Value>) -> Opts {
+        Opts {
+            map,
+            keyval: self.keyval,
+            prefix: format!("{}{key}.", self.prefix),
+            order: self.order.member(key),
+            read: Vec::new(),
+        }
+    }
+
     /// A nested object member, read with the same mode.
     pub fn object(&mut self, key: &str) -> Result<Option<Opts>, QmpError> {
         match self.take(key) {
             None => Ok(None),
-            Some(Value::Object(map)) => Ok(Some(Opts {
-                map,
-                keyval: self.keyval,
-                prefix: format!("{}{key}.", self.prefix),
-            })),
+            Some(Value::Object(map)) => Ok(Some(self.child(key, map))),
             Some(_) => Err(invalid_type(&self.full(key), "object")),
         }
     }
 
-    /// Fails on the first member nobody read, as QAPI does.
+    /// Fails on a member nobody read, naming the one QAPI names.
     pub fn finish(&self) -> Result<(), QmpError> {
-        match self.map.keys().next() {
+        let read: Vec<&str> = self.read.iter().map(String::as_str).collect();
+        let all: Vec<&str> = read
+            .iter()
+            .copied()
+            .chain(self.map.keys().map(String::as_str))
+            .collect();
+        match first_unexpected(&self.order.qdict_order_of(&all), &read) {
             Some(extra) => Err(QmpError::generic(format!(
                 "Parameter '{}' is unexpected",
                 self.full(extra)
@@ -265,10 +305,42 @@ mod tests {
         assert_eq!(opts.bool("read-only").unwrap(), Some(true));
         let mut opts = parse_option("driver=raw,read-only=on", None).unwrap();
         assert_eq!(opts.bool("read-only").unwrap(), Some(true));
-        let mut qmp = Opts::qmp(json!({"read-only": "on"}).as_object().unwrap().clone());
+        let mut qmp = Opts::qmp(
+            json!({"read-only": "on"}).as_object().unwrap().clone(),
+            KeyOrder::default(),
+        );
         assert_eq!(
             qmp.bool("read-only").unwrap_err().desc,
             "Invalid parameter type for 'read-only', expected: boolean"
         );
+    }
+
+    #[test]
+    fn json_options_get_the_monitor_parsers_errors() {
+        let error = |text: &str| parse_option(text, None).map(|_| ()).unwrap_err();
+        assert_eq!(error(r#"{"driver":1"#), "JSON parse error, premature EOI");
+        assert_eq!(
+            error(r#"{"driver":"file"} {}"#),
+            "Expecting at most one JSON value"
+        );
+    }
+
+    /// QSD names `zz` for both forms (`foo` comes first alphabetically).
+    #[test]
+    fn leftover_option_is_the_one_qsd_names() {
+        for text in [
+            "driver=file,filename=a.qcow2,node-name=f,zz=1,foo=2",
+            r#"{"driver":"file","filename":"a.qcow2","node-name":"f","zz":1,"foo":2}"#,
+        ] {
+            let mut opts = parse_option(text, None).unwrap();
+            for key in ["driver", "filename", "node-name"] {
+                opts.take(key);
+            }
+            assert_eq!(
+                opts.finish().unwrap_err().desc,
+                "Parameter 'zz' is unexpected",
+                "{text}"
+            );
+        }
     }
 }

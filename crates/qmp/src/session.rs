@@ -5,6 +5,7 @@
 use crate::commands::{self, After};
 use crate::error::{ErrorClass, QmpError};
 use crate::json::Json;
+use crate::qdict::KeyOrder;
 use crate::state::{Daemon, Event};
 use crate::wire::{self, Input, MessageReader, TOO_LARGE_MESSAGE};
 use serde_json::{Map, Value};
@@ -33,7 +34,7 @@ struct Outcome {
     after: After,
 }
 
-fn request_error(desc: impl Into<String>, id: Option<&Value>) -> Outcome {
+fn request_error(desc: impl Into<String>, id: Option<&Json>) -> Outcome {
     Outcome {
         text: wire::error(&QmpError::generic(desc), id),
         after: After::Continue,
@@ -41,47 +42,27 @@ fn request_error(desc: impl Into<String>, id: Option<&Value>) -> Outcome {
 }
 
 impl Session {
-    async fn handle(&mut self, daemon: &Arc<Daemon>, request: Value) -> Outcome {
+    async fn handle(&mut self, daemon: &Arc<Daemon>, request: Value, order: KeyOrder) -> Outcome {
         let Value::Object(request) = request else {
             return request_error("QMP input must be a JSON object", None);
         };
-        let id = request.get("id");
-        // QEMU checks each member; `exec-oob` exists only once OOB was enabled.
-        for (key, value) in &request {
-            let ok = match key.as_str() {
-                "execute" => value.is_string(),
-                "exec-oob" if self.oob => value.is_string(),
-                "arguments" => value.is_object(),
-                "id" => true,
-                _ => return request_error(format!("QMP input member '{key}' is unexpected"), id),
-            };
-            if !ok {
-                let kind = if key == "arguments" {
-                    "an object"
-                } else {
-                    "a string"
-                };
-                return request_error(format!("QMP input member '{key}' must be {kind}"), id);
-            }
-        }
-        let execute = request.get("execute").and_then(Value::as_str);
-        let exec_oob = request.get("exec-oob").and_then(Value::as_str);
-        let (name, oob) = match (execute, exec_oob) {
-            (Some(_), Some(_)) => {
-                return request_error(
-                    "QMP input must not contain both 'execute' and 'exec-oob'",
-                    id,
-                )
-            }
-            (Some(name), None) => (name, false),
-            (None, Some(name)) => (name, true),
-            (None, None) => return request_error("QMP input lacks member 'execute'", id),
+        let id = request
+            .get("id")
+            .map(|id| Json::of_input(id, &order.member("id")));
+        let id = id.as_ref();
+        let (name, oob) = match self.check_members(&request, &order) {
+            Ok(found) => found,
+            Err(desc) => return request_error(desc, id),
         };
         let arguments = match request.get("arguments") {
             Some(Value::Object(arguments)) => arguments.clone(),
             _ => Map::new(),
         };
-        match self.execute(daemon, name, oob, arguments).await {
+        let arguments_order = order.member("arguments");
+        match self
+            .execute(daemon, name, oob, arguments, arguments_order)
+            .await
+        {
             Ok((reply, after)) => Outcome {
                 text: wire::reply(&reply, id),
                 after,
@@ -93,12 +74,46 @@ impl Session {
         }
     }
 
+    /// QEMU's `qmp_dispatch_check_obj()`: the members in QDict order, the first fault wins.
+    /// Returns the command and whether it came as `exec-oob`.
+    fn check_members<'r>(
+        &self,
+        request: &'r Map<String, Value>,
+        order: &KeyOrder,
+    ) -> Result<(&'r str, bool), String> {
+        let mut command: Option<(&str, &str)> = None;
+        for key in order.qdict_keys(request) {
+            let value = &request[key];
+            match key {
+                "execute" | "exec-oob" if key == "execute" || self.oob => {
+                    let Some(name) = value.as_str() else {
+                        return Err(format!("QMP input member '{key}' must be a string"));
+                    };
+                    if let Some((first, _)) = command {
+                        return Err(format!("QMP input member '{key}' clashes with '{first}'"));
+                    }
+                    command = Some((key, name));
+                }
+                "arguments" if !value.is_object() => {
+                    return Err("QMP input member 'arguments' must be an object".into());
+                }
+                "arguments" | "id" => {}
+                _ => return Err(format!("QMP input member '{key}' is unexpected")),
+            }
+        }
+        match command {
+            Some((key, name)) => Ok((name, key == "exec-oob")),
+            None => Err("QMP input lacks member 'execute'".into()),
+        }
+    }
+
     async fn execute(
         &mut self,
         daemon: &Arc<Daemon>,
         name: &str,
         oob: bool,
         arguments: Map<String, Value>,
+        order: KeyOrder,
     ) -> Result<(Json, After), QmpError> {
         let negotiating = self.events.is_none();
         if negotiating && name != "qmp_capabilities" {
@@ -116,9 +131,9 @@ impl Session {
             )));
         }
         if name != "qmp_capabilities" {
-            return commands::dispatch(daemon, name, arguments).await;
+            return commands::dispatch(daemon, name, arguments, order).await;
         }
-        let enable = commands::check_capabilities(arguments)?;
+        let enable = commands::check_capabilities(arguments, &order)?;
         if !negotiating {
             return Err(QmpError::new(
                 ErrorClass::CommandNotFound,
@@ -192,8 +207,8 @@ impl Daemon {
                     }
                     for input in messages.feed(&buf[..n]) {
                         let (text, after) = match input {
-                            Input::Value(request) => {
-                                let outcome = session.handle(self, request).await;
+                            Input::Value(request, order) => {
+                                let outcome = session.handle(self, request, order).await;
                                 (outcome.text, outcome.after)
                             }
                             Input::Malformed(desc) => {

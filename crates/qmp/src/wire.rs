@@ -4,6 +4,7 @@
 
 use crate::error::QmpError;
 use crate::json::{Json, Parsed, Streamer};
+use crate::qdict::KeyOrder;
 use serde::Serialize;
 use serde_json::Value;
 use std::time::SystemTime;
@@ -15,8 +16,8 @@ pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
 /// What the reader found in the input.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    /// A complete JSON value.
-    Value(Value),
+    /// A complete JSON value, and the input order of its objects' keys.
+    Value(Value, KeyOrder),
     /// Malformed input; QEMU answers it with this error and reads on.
     Malformed(String),
     /// The message grew past [`MAX_MESSAGE_SIZE`]: answer and disconnect.
@@ -42,7 +43,7 @@ impl MessageReader {
         for chunk in bytes.chunks(4096) {
             self.streamer.feed(chunk, &mut parsed);
             inputs.extend(parsed.drain(..).map(|p| match p {
-                Ok(value) => Input::Value(value),
+                Ok((value, order)) => Input::Value(value, order),
                 Err(message) => Input::Malformed(message),
             }));
             if self.streamer.buffered() > MAX_MESSAGE_SIZE {
@@ -57,13 +58,14 @@ impl MessageReader {
 /// The error text for [`Input::TooLarge`] (QEMU's text for its own limit).
 pub const TOO_LARGE_MESSAGE: &str = "JSON token size limit exceeded";
 
-/// `{"return": value, "id": id}` (id only when the request had one).
-pub fn reply(value: &Json, id: Option<&Value>) -> String {
+/// `{"return": value, "id": id}` (id only when the request had one, serialized by
+/// [`Json::of_input`]).
+pub fn reply(value: &Json, id: Option<&Json>) -> String {
     match id {
         Some(id) => format!(
             "{{\"return\": {}, \"id\": {}}}\r\n",
             value.as_str(),
-            Json::of(id).as_str()
+            id.as_str()
         ),
         None => format!("{{\"return\": {}}}\r\n", value.as_str()),
     }
@@ -76,7 +78,7 @@ struct ErrorBody<'a> {
 }
 
 /// `{"id": id, "error": {"class": ..., "desc": ...}}` (QEMU puts the id first here).
-pub fn error(error: &QmpError, id: Option<&Value>) -> String {
+pub fn error(error: &QmpError, id: Option<&Json>) -> String {
     let body = Json::of(&ErrorBody {
         class: error.class.name(),
         desc: &error.desc,
@@ -84,7 +86,7 @@ pub fn error(error: &QmpError, id: Option<&Value>) -> String {
     match id {
         Some(id) => format!(
             "{{\"id\": {}, \"error\": {}}}\r\n",
-            Json::of(id).as_str(),
+            id.as_str(),
             body.as_str()
         ),
         None => format!("{{\"error\": {}}}\r\n", body.as_str()),
@@ -126,13 +128,25 @@ mod tests {
     use crate::error::ErrorClass;
     use serde_json::json;
 
+    /// The order of a flat object with `keys`.
+    fn order(keys: &[&str]) -> KeyOrder {
+        let mut order = KeyOrder::default();
+        for key in keys {
+            order.push(key.to_string(), KeyOrder::default());
+        }
+        order
+    }
+
     #[test]
     fn message_split_across_reads_runs_when_complete() {
         let mut reader = MessageReader::new();
         assert!(reader.feed(b"{\"execute\": \"qmp_cap").is_empty());
         assert_eq!(
             reader.feed(b"abilities\"}"),
-            vec![Input::Value(json!({"execute": "qmp_capabilities"}))]
+            vec![Input::Value(
+                json!({"execute": "qmp_capabilities"}),
+                order(&["execute"])
+            )]
         );
     }
 
@@ -145,7 +159,7 @@ mod tests {
             vec![
                 Input::Malformed("JSON parse error, invalid keyword 'not'".into()),
                 Input::Malformed("JSON parse error, invalid keyword 'json'".into()),
-                Input::Value(json!({"execute": "quit"})),
+                Input::Value(json!({"execute": "quit"}), order(&["execute"])),
             ]
         );
     }
@@ -193,14 +207,14 @@ mod tests {
 
     #[test]
     fn frames_match_qemus_layout() {
-        let id = json!("c1");
+        let id = Json::of(&json!("c1"));
         assert_eq!(
             reply(&Json::empty_object(), Some(&id)),
             "{\"return\": {}, \"id\": \"c1\"}\r\n"
         );
         let e = QmpError::new(ErrorClass::CommandNotFound, "x");
         assert_eq!(
-            error(&e, Some(&json!(42))),
+            error(&e, Some(&Json::of(&json!(42)))),
             "{\"id\": 42, \"error\": {\"class\": \"CommandNotFound\", \"desc\": \"x\"}}\r\n"
         );
         let ts = Timestamp {

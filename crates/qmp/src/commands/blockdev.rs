@@ -209,11 +209,7 @@ fn file_child(
             Ok((node.path, Some(reference)))
         }
         Some(Value::Object(map)) => {
-            let mut child = Opts {
-                map,
-                keyval: opts.keyval,
-                prefix: format!("{}file.", opts.prefix),
-            };
+            let mut child = opts.child("file", map);
             let driver = child
                 .map
                 .get("driver")

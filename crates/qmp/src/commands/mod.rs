@@ -11,6 +11,7 @@ mod nodes;
 use crate::args::{self, check, opt, req, ArgType, Args, Member};
 use crate::error::{ErrorClass, QmpError};
 use crate::json::Json;
+use crate::qdict::KeyOrder;
 use crate::qsd_args::Opts;
 use crate::state::Daemon;
 use serde_json::{Map, Value};
@@ -108,10 +109,11 @@ pub async fn dispatch(
     daemon: &Arc<Daemon>,
     name: &str,
     arguments: Map<String, Value>,
+    order: KeyOrder,
 ) -> Result<(Json, After), QmpError> {
     let members = members(name).ok_or_else(|| not_found(name))?;
     if FREE_FORM.contains(&name) {
-        let opts = Opts::qmp(arguments);
+        let opts = Opts::qmp(arguments, order);
         let reply = match name {
             "blockdev-add" => {
                 blockdev::blockdev_add(daemon, opts)?;
@@ -123,7 +125,7 @@ pub async fn dispatch(
         };
         return Ok((reply, After::Continue));
     }
-    let args: Args = args::check(members, arguments)?;
+    let args: Args = args::check(members, arguments, &order)?;
     let reply = match name {
         "query-version" => misc::query_version(),
         "query-commands" => misc::query_commands(),
@@ -164,8 +166,11 @@ pub async fn dispatch(
 }
 
 /// Checks `qmp_capabilities`' arguments; returns the capabilities asked for.
-pub fn check_capabilities(arguments: Map<String, Value>) -> Result<Vec<String>, QmpError> {
-    let args = check(QMP_CAPABILITIES, arguments)?;
+pub fn check_capabilities(
+    arguments: Map<String, Value>,
+    order: &KeyOrder,
+) -> Result<Vec<String>, QmpError> {
+    let args = check(QMP_CAPABILITIES, arguments, order)?;
     Ok(args
         .str_list("enable")
         .into_iter()
