@@ -405,6 +405,10 @@ impl Parser<'_> {
                 return Err("missing : in object pair".into());
             }
             let (value, member_order) = self.value()?;
+            // QEMU checks after parsing the value, so errors inside it come first.
+            if map.contains_key(&key) {
+                return Err("duplicate key".into());
+            }
             order.push(key.clone(), member_order);
             map.insert(key, value);
             match self.next()?.kind {
@@ -759,6 +763,27 @@ mod tests {
             Json::of(&value).0,
             r#"{"a": [1, 2], "b": "\u00E9\uD83D\uDE00"}"#
         );
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_any_depth() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"{\"a\": 1, \"a\": 2}", "JSON parse error, duplicate key"),
+            (
+                b"{\"x\": {\"a\": 1, \"a\": 2}}",
+                "JSON parse error, duplicate key",
+            ),
+            (b"[{\"a\": 1, \"a\": 2}]", "JSON parse error, duplicate key"),
+            // The second value is parsed before the check.
+            (b"{\"a\": 1, \"a\": }", "JSON parse error, expecting value"),
+        ];
+        for (input, message) in cases {
+            assert_eq!(
+                feed_all(&[input]),
+                vec![Err(message.to_string())],
+                "{input:?}"
+            );
+        }
     }
 
     #[test]

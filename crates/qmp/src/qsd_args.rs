@@ -24,7 +24,7 @@ pub struct Opts {
 /// `implied` names the key a leading bare value stands for (`socket` in `--chardev socket,..`).
 pub fn parse_option(text: &str, implied: Option<&str>) -> Result<Opts, String> {
     if text.trim_start().starts_with('{') {
-        // The monitor's JSON parser, with its errors (`JSON parse error, premature EOI`).
+        // QEMU's JSON parser, with its errors (`JSON parse error, duplicate key`).
         match json::parse_one(text.as_bytes())? {
             (Value::Object(map), order) => Ok(Opts::new(map, false, order)),
             _ => Err("JSON option must be an object".into()),
@@ -318,6 +318,10 @@ mod tests {
     #[test]
     fn json_options_get_the_monitor_parsers_errors() {
         let error = |text: &str| parse_option(text, None).map(|_| ()).unwrap_err();
+        assert_eq!(
+            error(r#"{"driver":"file","node-name":"f","node-name":"g"}"#),
+            "JSON parse error, duplicate key"
+        );
         assert_eq!(error(r#"{"driver":1"#), "JSON parse error, premature EOI");
         assert_eq!(
             error(r#"{"driver":"file"} {}"#),

@@ -24,6 +24,43 @@ const SENTINEL: &[u8] = br#"{"execute": "query-block", "id": "end"}"#;
 const SENTINEL_REPLY: &str = r#"{"return": [], "id": "end"}"#;
 const WAIT: Duration = Duration::from_secs(30);
 
+/// A key twice in one object, at any depth: a parse error, no `id` echoed. QEMU checks after
+/// parsing the value, so an error inside the value comes first.
+const DUPLICATE_KEYS: &[Case] = &[
+    (
+        b"{\"execute\": \"quit\", \"execute\": \"query-version\", \"id\": 1}",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1, \"id\": 2}",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"arguments\": {\"a\": 1, \"a\": 2}, \"id\": 3}",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": {\"x\": 1, \"x\": 2}}",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#],
+    ),
+    (
+        b"[{\"a\": 1, \"a\": 2}]",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#],
+    ),
+    (
+        b"{\"a\": {\"b\": 1, \"b\": 2}, \"a\": 3}",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#],
+    ),
+    (
+        b"{\"a\": 1, \"a\": 2 \"b\"}",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, duplicate key"}}"#],
+    ),
+    (
+        b"{\"a\": 1, \"a\": }",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#],
+    ),
+];
+
 /// Request members in QDict order once OOB is enabled: the second of `execute`/`exec-oob`
 /// clashes with the first.
 const EXEC_OOB_WITH_OOB: &[Case] = &[
@@ -224,6 +261,11 @@ async fn assert_ours_match(oob: bool, cases: &[Case]) {
 }
 
 #[tokio::test]
+async fn duplicate_keys_are_refused_as_qsd_does() {
+    assert_ours_match(false, DUPLICATE_KEYS).await;
+}
+
+#[tokio::test]
 async fn execute_and_exec_oob_clash_as_in_qsd() {
     assert_ours_match(true, EXEC_OOB_WITH_OOB).await;
 }
@@ -290,6 +332,7 @@ async fn recorded_replies_are_qsds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let qsd = start_qsd(dir.path());
     let tables: &[(bool, &[Case])] = &[
+        (false, DUPLICATE_KEYS),
         (true, EXEC_OOB_WITH_OOB),
         (false, EXEC_OOB_WITHOUT_OOB),
         (false, OBJECT_IDS),
