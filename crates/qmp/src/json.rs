@@ -2,7 +2,7 @@
 //! values the way QEMU's json-lexer/json-streamer do (a value is complete when its brackets
 //! balance; QEMU's error texts; single-quoted strings accepted), a parser for one value that
 //! also keeps each object's key order (see [`KeyOrder`]), and the output format
-//! (`{"a": 1, "b": [2, 3]}`, non-ASCII escaped as `\uXXXX`).
+//! (`{"a": 1, "b": [2, 3]}`, non-ASCII escaped as `\uXXXX`, doubles as `%.17g`).
 
 use crate::qdict::KeyOrder;
 use serde::Serialize;
@@ -440,7 +440,8 @@ impl Parser<'_> {
     }
 }
 
-/// Integers as i64 if they fit, else u64, else a double (as QEMU's QNum does).
+/// Integers as i64 if they fit, else (unsigned) u64, else a double; other numbers as doubles
+/// (QEMU's `parse_literal()` and `QNum`).
 fn parse_number(token: &Token) -> Value {
     let text = String::from_utf8_lossy(&token.text);
     if token.kind == TokenKind::Integer {
@@ -452,7 +453,8 @@ fn parse_number(token: &Token) -> Value {
         }
     }
     let v: f64 = text.parse().unwrap_or(f64::NAN);
-    // JSON cannot carry inf; QEMU would print `inf`. The clamp keeps the value a number.
+    // JSON cannot carry inf; QEMU would print `inf` (docs/qmp.md). The clamp keeps the value a
+    // number.
     Number::from_f64(v.clamp(f64::MIN, f64::MAX))
         .map(Value::Number)
         .unwrap_or(Value::Null)
@@ -529,6 +531,51 @@ fn parse_string(token: &[u8]) -> Result<String, String> {
     Ok(text)
 }
 
+/// A double as QEMU's JSON writer prints it: `printf("%.17g")` (which is not always JSON:
+/// QEMU prints infinities as `inf`; our values are finite, see [`parse_number`]).
+pub fn format_double(v: f64) -> String {
+    const PRECISION: i32 = 17;
+    if !v.is_finite() {
+        return if v.is_nan() {
+            "nan"
+        } else if v > 0.0 {
+            "inf"
+        } else {
+            "-inf"
+        }
+        .into();
+    }
+    if v == 0.0 {
+        return if v.is_sign_negative() { "-0" } else { "0" }.into();
+    }
+    // 17 significant digits, correctly rounded (ties to even, as glibc).
+    let scientific = format!("{:.*e}", PRECISION as usize - 1, v);
+    let (mantissa, exponent) = scientific.split_once('e').unwrap_or((&scientific, "0"));
+    let exponent: i32 = exponent.parse().unwrap_or(0);
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    if !(-4..PRECISION).contains(&exponent) {
+        let (lead, rest) = digits.split_at(1);
+        let rest = rest.trim_end_matches('0');
+        let dot = if rest.is_empty() { "" } else { "." };
+        let exp_sign = if exponent < 0 { '-' } else { '+' };
+        return format!("{sign}{lead}{dot}{rest}e{exp_sign}{:02}", exponent.abs());
+    }
+    let (int_part, frac_part) = if exponent >= 0 {
+        let (int_part, frac) = digits.split_at(exponent as usize + 1);
+        (int_part.to_string(), frac.to_string())
+    } else {
+        let zeros = "0".repeat((-exponent - 1) as usize);
+        ("0".to_string(), format!("{zeros}{digits}"))
+    };
+    let frac_part = frac_part.trim_end_matches('0');
+    let dot = if frac_part.is_empty() { "" } else { "." };
+    format!("{sign}{int_part}{dot}{frac_part}")
+}
+
 /// Writes JSON as QEMU does: `": "` and `", "` separators, everything outside ASCII
 /// printable escaped as `\uXXXX` (upper-case hex, surrogate pairs above U+FFFF).
 struct QemuFormatter;
@@ -563,6 +610,14 @@ impl serde_json::ser::Formatter for QemuFormatter {
         writer: &mut W,
     ) -> std::io::Result<()> {
         writer.write_all(b": ")
+    }
+
+    fn write_f64<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: f64,
+    ) -> std::io::Result<()> {
+        writer.write_all(format_double(value).as_bytes())
     }
 
     fn write_string_fragment<W: ?Sized + std::io::Write>(
@@ -783,6 +838,29 @@ mod tests {
                 vec![Err(message.to_string())],
                 "{input:?}"
             );
+        }
+    }
+
+    #[test]
+    fn doubles_print_as_printf_17g() {
+        // Values QSD echoed as `id`; the tie 2251799813685247.25 rounds to even, as glibc.
+        let cases = [
+            (1.0, "1"),
+            (0.1, "0.10000000000000001"),
+            (100.0, "100"),
+            (-0.0, "-0"),
+            (1.5, "1.5"),
+            (1e-7, "9.9999999999999995e-08"),
+            (0.000123, "0.00012300000000000001"),
+            (1e16, "10000000000000000"),
+            (1e17, "1e+17"),
+            (9007199254740989.0 / 4.0, "2251799813685247.2"),
+            (18446744073709551616.0, "1.8446744073709552e+19"),
+            (5e-324, "4.9406564584124654e-324"),
+            (f64::MAX, "1.7976931348623157e+308"),
+        ];
+        for (value, text) in cases {
+            assert_eq!(format_double(value), text, "{value:e}");
         }
     }
 

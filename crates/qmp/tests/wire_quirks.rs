@@ -148,6 +148,115 @@ const OBJECT_IDS: &[Case] = &[
     ),
 ];
 
+/// Numbers in `id` come back as QEMU stores them: int64, else uint64, else a double printed
+/// with `%.17g`.
+const IDS: &[Case] = &[
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1.0}",
+        &[r#"{"return": [], "id": 1}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 0.1}",
+        &[r#"{"return": [], "id": 0.10000000000000001}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1e2}",
+        &[r#"{"return": [], "id": 100}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1E2}",
+        &[r#"{"return": [], "id": 100}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": -0.0}",
+        &[r#"{"return": [], "id": -0}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": -0}",
+        &[r#"{"return": [], "id": 0}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1.5}",
+        &[r#"{"return": [], "id": 1.5}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1e-7}",
+        &[r#"{"return": [], "id": 9.9999999999999995e-08}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 123456789.123456789}",
+        &[r#"{"return": [], "id": 123456789.12345679}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 9223372036854775807}",
+        &[r#"{"return": [], "id": 9223372036854775807}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 9223372036854775808}",
+        &[r#"{"return": [], "id": 9223372036854775808}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 18446744073709551615}",
+        &[r#"{"return": [], "id": 18446744073709551615}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 18446744073709551616}",
+        &[r#"{"return": [], "id": 1.8446744073709552e+19}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": -9223372036854775808}",
+        &[r#"{"return": [], "id": -9223372036854775808}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": -9223372036854775809}",
+        &[r#"{"return": [], "id": -9.2233720368547758e+18}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 123456789012345678901234567890}",
+        &[r#"{"return": [], "id": 1.2345678901234568e+29}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1e-400}",
+        &[r#"{"return": [], "id": 0}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 2251799813685247.25}",
+        &[r#"{"return": [], "id": 2251799813685247.2}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 0.000123}",
+        &[r#"{"return": [], "id": 0.00012300000000000001}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1e16}",
+        &[r#"{"return": [], "id": 10000000000000000}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1e17}",
+        &[r#"{"return": [], "id": 1e+17}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 12345678901234567}",
+        &[r#"{"return": [], "id": 12345678901234567}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 1.7976931348623157e308}",
+        &[r#"{"return": [], "id": 1.7976931348623157e+308}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 5e-324}",
+        &[r#"{"return": [], "id": 4.9406564584124654e-324}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": 100000000000000000000000}",
+        &[r#"{"return": [], "id": 9.9999999999999992e+22}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": [1.0, {\"a\": 2.50}]}",
+        &[r#"{"return": [], "id": [1, {"a": 2.5}]}"#],
+    ),
+];
+
 /// Several unexpected arguments: QAPI names the first left in its GLib hash table.
 const UNEXPECTED_ARGUMENTS: &[Case] = &[
     (
@@ -281,8 +390,30 @@ async fn object_ids_are_echoed_in_qsds_member_order() {
 }
 
 #[tokio::test]
+async fn numeric_ids_are_echoed_as_qsd_prints_them() {
+    assert_ours_match(false, IDS).await;
+}
+
+#[tokio::test]
 async fn unexpected_argument_is_the_one_qsd_names() {
     assert_ours_match(false, UNEXPECTED_ARGUMENTS).await;
+}
+
+/// An `id` beyond the range of a double: QEMU prints `inf`, which is not JSON; we send the
+/// largest finite double instead (docs/qmp.md).
+#[tokio::test]
+async fn infinite_id_is_echoed_as_the_largest_double() {
+    let cases: &[Case] = &[
+        (
+            br#"{"execute": "query-block", "id": 1e400}"#,
+            &[r#"{"return": [], "id": 1.7976931348623157e+308}"#],
+        ),
+        (
+            br#"{"execute": "query-block", "id": [-1e400]}"#,
+            &[r#"{"return": [], "id": [-1.7976931348623157e+308]}"#],
+        ),
+    ];
+    assert_ours_match(false, cases).await;
 }
 
 /// A qemu-storage-daemon with a monitor socket, killed when dropped.
@@ -336,6 +467,7 @@ async fn recorded_replies_are_qsds() {
         (true, EXEC_OOB_WITH_OOB),
         (false, EXEC_OOB_WITHOUT_OOB),
         (false, OBJECT_IDS),
+        (false, IDS),
         (false, UNEXPECTED_ARGUMENTS),
     ];
     let mut mismatches = Vec::new();
