@@ -242,7 +242,9 @@ impl Streamer {
                 _ => self.end_token(TokenKind::Keyword, out),
             },
             Recovery => match byte {
-                b'{' | b'}' | b'[' | b']' | 0..=0x1f | 0xfe | 0xff if byte != b'\t' => {
+                b'{' | b'}' | b'[' | b']' | b':' | b',' | 0..=0x1f | 0xfe | 0xff
+                    if byte != b'\t' =>
+                {
                     self.state = Start;
                     Step::Again
                 }
@@ -270,7 +272,9 @@ impl Streamer {
     }
 
     fn lex_error(&mut self, out: &mut Vec<Parsed>) {
-        let text = String::from_utf8_lossy(&self.token).into_owned();
+        // QEMU prints the token with `%s`: it ends at a NUL byte.
+        let shown = self.token.split(|&b| b == 0).next().unwrap_or_default();
+        let text = lossy(shown);
         self.token.clear();
         self.state = LexState::Recovery;
         self.reset();
@@ -460,39 +464,83 @@ fn parse_number(token: &Token) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// Unquotes a string token (either quote style), checking escapes and UTF-8.
-fn parse_string(token: &[u8]) -> Result<String, String> {
-    let inner = token.get(1..token.len().saturating_sub(1)).unwrap_or(&[]);
-    let mut out: Vec<u16> = Vec::new();
-    let mut text = String::new();
-    let flush = |out: &mut Vec<u16>, text: &mut String| -> Result<(), String> {
-        if !out.is_empty() {
-            let s = String::from_utf16(out).map_err(|_| {
-                let hex: Vec<String> = out.iter().map(|u| format!("\\u{u:04x}")).collect();
-                format!("{} is not a valid Unicode character", hex.join(""))
-            })?;
-            text.push_str(&s);
-            out.clear();
-        }
-        Ok(())
+/// QEMU's `is_valid_codepoint()`: Unicode scalar values that are not noncharacters.
+fn is_valid_codepoint(cp: u32) -> bool {
+    let noncharacter = (0xFDD0..=0xFDEF).contains(&cp) || cp & 0xFFFE == 0xFFFE;
+    cp <= 0x10FFFF && !noncharacter && !(0xD800..=0xDFFF).contains(&cp)
+}
+
+/// QEMU's `mod_utf8_codepoint()`: the code point of the sequence at the start of `bytes`, and
+/// how many bytes the sequence takes (at least one unless `bytes` is empty or starts with
+/// NUL). Modified UTF-8: `C0 80` is U+0000; other overlong forms, surrogates, noncharacters
+/// and code points beyond U+10FFFF are invalid.
+fn mod_utf8_codepoint(bytes: &[u8]) -> (Option<u32>, usize) {
+    const MIN_CODEPOINT: [u32; 5] = [0x80, 0x800, 0x10000, 0x20_0000, 0x400_0000];
+    let first = match bytes.first() {
+        None | Some(0) => return (None, 0),
+        Some(&b) => b,
     };
-    let mut i = 0;
-    while i < inner.len() {
-        let byte = inner[i];
-        if byte != b'\\' {
-            flush(&mut out, &mut text)?;
-            // Take the longest valid UTF-8 run.
-            let end = inner[i..]
-                .iter()
-                .position(|&b| b == b'\\')
-                .map_or(inner.len(), |p| i + p);
-            let run = std::str::from_utf8(&inner[i..end])
-                .map_err(|_| "invalid UTF-8 sequence in string".to_string())?;
-            text.push_str(run);
-            i = end;
+    if first < 0x80 {
+        return (Some(u32::from(first)), 1);
+    }
+    if first >= 0xFE || first & 0x40 == 0 {
+        return (None, 1);
+    }
+    let len = first.leading_ones() as usize;
+    let mut cp = u32::from(first) & ((0x80 >> len) - 1);
+    for i in 1..len {
+        // Past the end reads as the C string's terminating NUL.
+        let byte = bytes.get(i).copied().unwrap_or(0);
+        if byte & 0xC0 != 0x80 {
+            return (None, i);
+        }
+        cp = (cp << 6) | u32::from(byte & 0x3F);
+    }
+    let overlong = cp < MIN_CODEPOINT[len - 2] && !(cp == 0 && len == 2);
+    if !is_valid_codepoint(cp) || overlong {
+        return (None, len);
+    }
+    (Some(cp), len)
+}
+
+/// Text as QEMU's JSON writer shows bytes that may not be valid: each invalid sequence (as
+/// [`mod_utf8_codepoint`] delimits it) becomes one U+FFFD.
+fn lossy(bytes: &[u8]) -> String {
+    let mut text = String::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let (cp, len) = mod_utf8_codepoint(rest);
+        text.push(cp.and_then(char::from_u32).unwrap_or('\u{FFFD}'));
+        rest = &rest[len.max(1).min(rest.len())..];
+    }
+    text
+}
+
+/// QEMU's `cvt4hex()`: four hex digits at `at`, or `None`.
+fn hex4(token: &[u8], at: usize) -> Option<u32> {
+    (0..4).try_fold(0u32, |cp, i| {
+        let digit = char::from(token.get(at + i).copied()?).to_digit(16)?;
+        Some(cp << 4 | digit)
+    })
+}
+
+/// Unquotes a string token (either quote style) as QEMU's `parse_string()` does: escapes,
+/// surrogate pairs, and raw bytes in modified UTF-8.
+fn parse_string(token: &[u8]) -> Result<String, String> {
+    // The lexer ends a string token with its closing quote.
+    let end = token.len().saturating_sub(1);
+    let mut text = String::new();
+    let mut i = 1;
+    while i < end {
+        if token[i] != b'\\' {
+            let (cp, len) = mod_utf8_codepoint(&token[i..end]);
+            let c = cp.and_then(char::from_u32);
+            text.push(c.ok_or_else(|| "invalid UTF-8 sequence in string".to_string())?);
+            i += len;
             continue;
         }
-        let escaped = inner.get(i + 1).copied().unwrap_or(0);
+        let escape_start = i;
+        let escaped = token.get(i + 1).copied().unwrap_or(0);
         i += 2;
         let plain = match escaped {
             b'"' => '"',
@@ -505,29 +553,36 @@ fn parse_string(token: &[u8]) -> Result<String, String> {
             b'r' => '\r',
             b't' => '\t',
             b'u' => {
-                let hex = inner.get(i..i + 4).unwrap_or(&[]);
-                let parsed = std::str::from_utf8(hex)
-                    .ok()
-                    .filter(|h| h.len() == 4 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                    .and_then(|h| u16::from_str_radix(h, 16).ok());
-                match parsed {
-                    Some(unit) => {
-                        out.push(unit);
-                        i += 4;
-                        continue;
+                let mut cp = hex4(token, i);
+                i += 4;
+                if let Some(high @ 0xD800..=0xDBFF) = cp {
+                    if token.get(i) == Some(&b'\\') && token.get(i + 1) == Some(&b'u') {
+                        cp = match hex4(token, i + 2) {
+                            Some(low @ 0xDC00..=0xDFFF) => {
+                                i += 6;
+                                Some(0x10000 + ((high & 0x3FF) << 10) + (low & 0x3FF))
+                            }
+                            _ => None,
+                        };
                     }
+                }
+                match cp
+                    .filter(|&cp| is_valid_codepoint(cp))
+                    .and_then(char::from_u32)
+                {
+                    Some(c) => c,
                     None => {
-                        let shown = String::from_utf8_lossy(hex);
-                        return Err(format!("\\u{shown} is not a valid Unicode character"));
+                        // QEMU shows the escape as written, up to where it stopped reading
+                        // (four characters on, even past the closing quote).
+                        let shown = &token[escape_start..i.min(token.len())];
+                        return Err(format!("{} is not a valid Unicode character", lossy(shown)));
                     }
                 }
             }
             _ => return Err("invalid escape sequence in string".into()),
         };
-        flush(&mut out, &mut text)?;
         text.push(plain);
     }
-    flush(&mut out, &mut text)?;
     Ok(text)
 }
 
@@ -618,6 +673,28 @@ impl serde_json::ser::Formatter for QemuFormatter {
         value: f64,
     ) -> std::io::Result<()> {
         writer.write_all(format_double(value).as_bytes())
+    }
+
+    /// Control characters other than `\b\f\n\r\t` as `\u%04X` (serde_json writes lower-case
+    /// hex).
+    fn write_char_escape<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        escape: serde_json::ser::CharEscape,
+    ) -> std::io::Result<()> {
+        use serde_json::ser::CharEscape::*;
+        let short = match escape {
+            Quote => b'"',
+            ReverseSolidus => b'\\',
+            Solidus => b'/',
+            Backspace => b'b',
+            FormFeed => b'f',
+            LineFeed => b'n',
+            CarriageReturn => b'r',
+            Tab => b't',
+            AsciiControl(byte) => return write!(writer, "\\u{byte:04X}"),
+        };
+        writer.write_all(&[b'\\', short])
     }
 
     fn write_string_fragment<W: ?Sized + std::io::Write>(
@@ -880,6 +957,58 @@ mod tests {
         assert_eq!(
             value(b"{} {}"),
             Err("Expecting at most one JSON value".into())
+        );
+    }
+
+    #[test]
+    fn strings_are_modified_utf8_as_qemu_reads_them() {
+        let parse = |input: &[u8]| feed_all(&[input]);
+        assert_eq!(parse(b"\"a\xc0\x80b\""), vec![Ok(json!("a\u{0}b"))]);
+        for input in [
+            &b"\"\xef\xbf\xbe\""[..],
+            b"\"\xed\xa0\x80\"",
+            b"\"\xe0\x80\x80\"",
+        ] {
+            assert_eq!(
+                parse(input),
+                vec![Err(
+                    "JSON parse error, invalid UTF-8 sequence in string".into()
+                )],
+                "{input:?}"
+            );
+        }
+        assert_eq!(
+            parse(b"\"\\uDC00\""),
+            vec![Err(
+                "JSON parse error, \\uDC00 is not a valid Unicode character".into()
+            )]
+        );
+        assert_eq!(
+            parse(b"\"\\u00\""),
+            vec![Err(
+                "JSON parse error, \\u00\" is not a valid Unicode character".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn stray_text_ends_at_nul_and_shows_bad_bytes_as_replacement() {
+        assert_eq!(
+            feed_all(&[b"\x00"]),
+            vec![Err("JSON parse error, stray ''".into())]
+        );
+        assert_eq!(
+            feed_all(&[b"\"\xf8\x88\x80\x80\x80\x05"]),
+            vec![Err("JSON parse error, stray '\"\u{FFFD}\u{5}'".into())]
+        );
+        // Recovery stops at `:` and `,` too.
+        assert_eq!(
+            feed_all(&[b"@x,1 "]),
+            vec![
+                Err("JSON parse error, stray '@'".into()),
+                Err("JSON parse error, expecting value".into()),
+                Ok(json!(1)),
+            ]
         );
     }
 }

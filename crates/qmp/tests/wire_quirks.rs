@@ -257,6 +257,357 @@ const IDS: &[Case] = &[
     ),
 ];
 
+/// Strings in modified UTF-8: `C0 80` is NUL; surrogates, noncharacters and overlong forms are
+/// refused; a bad escape is shown as written. Control characters and non-ASCII go back as
+/// `\uXXXX` with upper-case hex.
+const STRINGS: &[Case] = &[
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uDC00\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uDC00 is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\udc00\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\udc00 is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uD800\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD800 is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uD800x\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD800 is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uD800\\u0041\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD800 is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uD83D\\uDE00\"}",
+        &[r#"{"return": [], "id": "\uD83D\uDE00"}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uFFFE\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uFFFE is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uFDD0\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uFDD0 is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uD83F\\uDFFE\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD83F\\uDFFE is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\u0000\"}",
+        &[r#"{"return": [], "id": "\u0000"}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xc0\x80\"}",
+        &[r#"{"return": [], "id": "\u0000"}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"a\xc0\x80b\"}",
+        &[r#"{"return": [], "id": "a\u0000b"}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xef\xbf\xbe\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xef\xb7\x90\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xed\xa0\x80\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xe0\x80\x80\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xc1\xbf\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xf4\x90\x80\x80\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xf8\x88\x80\x80\x80\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xc3\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xc3(\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\x80\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid UTF-8 sequence in string"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\xc3\xa9\xf0\x9f\x98\x80\"}",
+        &[r#"{"return": [], "id": "\u00E9\uD83D\uDE00"}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\u00\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\u00\" is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\u00e\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\u00e\" is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uD800\\u00\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD800 is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\uD800\\uzzzz\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\uD800 is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\u0\xc3\xa9\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, \\u0\u00E9\" is not a valid Unicode character"}}"#,
+        ],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"\\u001f\\u007f\\u0080\"}",
+        &[r#"{"return": [], "id": "\u001F\u007F\u0080"}"#],
+    ),
+];
+
+/// Lexical errors: the token so far (up to a NUL byte, invalid UTF-8 as U+FFFD per sequence),
+/// then recovery up to a structural or control character.
+const STRAY_BYTES: &[Case] = &[
+    (
+        b"\x00",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray ''"}}"#],
+    ),
+    (
+        b"{\"execute\": \"query-block\", \"id\": \"ab\x00cd\"}",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"ab'"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+        ],
+    ),
+    (
+        b"\"ab\x01",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"ab\u0001'"}}"#,
+        ],
+    ),
+    (
+        b"\"ab\xfe",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"ab\uFFFD'"}}"#,
+        ],
+    ),
+    (
+        b"\"\xe0\x80\x01",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\uFFFD\u0001'"}}"#,
+        ],
+    ),
+    (
+        b"\x80",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#],
+    ),
+    (
+        b"\xc3\xa9",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#],
+    ),
+    (
+        b"\xe0\x80\x01",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\u0001'"}}"#,
+        ],
+    ),
+    (
+        b"\"\xc0\x80\x02",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\u0000\u0002'"}}"#,
+        ],
+    ),
+    (
+        b"\"\xf0\x9f\x98\x80\x02",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\uD83D\uDE00\u0002'"}}"#,
+        ],
+    ),
+    (
+        b"@\x00",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray ''"}}"#,
+        ],
+    ),
+    (
+        b"x\x00",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'x'"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray ''"}}"#,
+        ],
+    ),
+    (
+        b"-\x00",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '-'"}}"#],
+    ),
+    (
+        b"1.\x00",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '1.'"}}"#],
+    ),
+    (
+        b"\"\xed\xa0\x80\x03",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\uFFFD\u0003'"}}"#,
+        ],
+    ),
+    (
+        b"\"\xe0\x80\xe0\x80\x80\x04",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\uFFFD\uFFFD\u0004'"}}"#,
+        ],
+    ),
+    (
+        b"\"\xf8\x88\x80\x80\x80\x05",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\uFFFD\u0005'"}}"#,
+        ],
+    ),
+    (
+        b"\"\xc3\xa9\x06",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\u00E9\u0006'"}}"#,
+        ],
+    ),
+    (
+        b"'ab\x00",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray ''ab'"}}"#],
+    ),
+    (
+        b"\"\\\x00",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\\'"}}"#],
+    ),
+    (
+        b"\"\\u12\x07",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\\u12\u0007'"}}"#,
+        ],
+    ),
+    (
+        b"\xfe",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#],
+    ),
+    (
+        b"\xff",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#],
+    ),
+    (
+        b"1e\x00",
+        &[r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '1e'"}}"#],
+    ),
+    (
+        b"tru\x01",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'tru'"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\u0001'"}}"#,
+        ],
+    ),
+    (
+        b"\"\xc1\x81\x01",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\uFFFD\u0001'"}}"#,
+        ],
+    ),
+    (
+        b"\"\xef\xbf\xbe\x01",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"\uFFFD\u0001'"}}"#,
+        ],
+    ),
+    (
+        b"@x,y:z",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'y'"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'z'"}}"#,
+        ],
+    ),
+    (
+        b"tru\xc3\xa9 ",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'tru'"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+        ],
+    ),
+    (
+        b"1\xc3 ",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+        ],
+    ),
+    (
+        b"1.5\xff ",
+        &[
+            r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+            r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray '\uFFFD'"}}"#,
+        ],
+    ),
+];
+
 /// Several unexpected arguments: QAPI names the first left in its GLib hash table.
 const UNEXPECTED_ARGUMENTS: &[Case] = &[
     (
@@ -395,6 +746,16 @@ async fn numeric_ids_are_echoed_as_qsd_prints_them() {
 }
 
 #[tokio::test]
+async fn string_escapes_and_bytes_are_read_as_qsd_reads_them() {
+    assert_ours_match(false, STRINGS).await;
+}
+
+#[tokio::test]
+async fn stray_bytes_get_qsds_errors_and_recovery() {
+    assert_ours_match(false, STRAY_BYTES).await;
+}
+
+#[tokio::test]
 async fn unexpected_argument_is_the_one_qsd_names() {
     assert_ours_match(false, UNEXPECTED_ARGUMENTS).await;
 }
@@ -468,6 +829,8 @@ async fn recorded_replies_are_qsds() {
         (false, EXEC_OOB_WITHOUT_OOB),
         (false, OBJECT_IDS),
         (false, IDS),
+        (false, STRINGS),
+        (false, STRAY_BYTES),
         (false, UNEXPECTED_ARGUMENTS),
     ];
     let mut mismatches = Vec::new();
