@@ -11,8 +11,9 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long a verb waits for its effect before replying anyway (the job thread may be in the
-/// middle of a chunk).
+/// How long pause and cancel wait for their effect before replying anyway: the job thread may
+/// be in the middle of a chunk, or retrying I/O. Finalize and dismiss wait for theirs: the job
+/// thread is waiting for just that verb, as QEMU's monitor runs them before it replies.
 const VERB_SETTLE: Duration = Duration::from_secs(2);
 
 #[derive(Serialize)]
@@ -123,13 +124,13 @@ fn find(daemon: &Daemon, args: &Args, naming: Naming) -> Result<Job, QmpError> {
     })
 }
 
-/// Waits (off the async threads) until `done` holds for the job's status or `VERB_SETTLE`
-/// passed.
-async fn settle(job: &Job, done: fn(JobStatus) -> bool) {
+/// Waits (off the async threads) until `done` holds for the job's status or, with a
+/// `deadline`, that long passed.
+async fn settle(job: &Job, done: fn(JobStatus) -> bool, deadline: Option<Duration>) {
     let job = job.clone();
     let waited = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + VERB_SETTLE;
-        while !done(job.info().status) && Instant::now() < deadline {
+        let deadline = deadline.map(|after| Instant::now() + after);
+        while !done(job.info().status) && deadline.is_none_or(|d| Instant::now() < d) {
             // Short slices: a change between the check and the wait is not missed for long.
             job.wait_change(Duration::from_millis(20));
         }
@@ -146,7 +147,7 @@ fn ended(status: JobStatus) -> bool {
 
 async fn cancel(job: Job) -> Result<Json, QmpError> {
     job.cancel().map_err(Failure::Verb)?;
-    settle(&job, ended).await;
+    settle(&job, ended, Some(VERB_SETTLE)).await;
     Ok(Json::empty_object())
 }
 
@@ -170,14 +171,19 @@ pub async fn job_cancel(daemon: &Daemon, args: &Args) -> Result<Json, QmpError> 
 pub async fn pause(daemon: &Daemon, args: &Args, naming: Naming) -> Result<Json, QmpError> {
     let job = find(daemon, args, naming)?;
     job.pause().map_err(Failure::Verb)?;
-    settle(&job, |s| s != JobStatus::Running && s != JobStatus::Created).await;
+    settle(
+        &job,
+        |s| s != JobStatus::Running && s != JobStatus::Created,
+        Some(VERB_SETTLE),
+    )
+    .await;
     Ok(Json::empty_object())
 }
 
 pub async fn resume(daemon: &Daemon, args: &Args, naming: Naming) -> Result<Json, QmpError> {
     let job = find(daemon, args, naming)?;
     job.resume().map_err(Failure::Verb)?;
-    settle(&job, |s| s != JobStatus::Paused).await;
+    settle(&job, |s| s != JobStatus::Paused, Some(VERB_SETTLE)).await;
     Ok(Json::empty_object())
 }
 
@@ -213,13 +219,13 @@ pub fn complete(daemon: &Daemon, args: &Args, naming: Naming) -> Result<Json, Qm
 pub async fn finalize(daemon: &Daemon, args: &Args, naming: Naming) -> Result<Json, QmpError> {
     let job = find(daemon, args, naming)?;
     job.finalize().map_err(Failure::Verb)?;
-    settle(&job, ended).await;
+    settle(&job, ended, None).await;
     Ok(Json::empty_object())
 }
 
 pub async fn dismiss(daemon: &Arc<Daemon>, args: &Args, naming: Naming) -> Result<Json, QmpError> {
     let job = find(daemon, args, naming)?;
     job.dismiss().map_err(Failure::Verb)?;
-    settle(&job, |s| s == JobStatus::Null).await;
+    settle(&job, |s| s == JobStatus::Null, None).await;
     Ok(Json::empty_object())
 }
