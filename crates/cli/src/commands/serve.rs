@@ -17,7 +17,7 @@ pub struct Args {
     /// Where to serve NBD: unix:PATH or HOST:PORT.
     #[arg(long)]
     nbd: Option<String>,
-    /// Export the images read-only.
+    /// Open the images read-only (no stream can run) and export them read-only.
     #[arg(long)]
     read_only: bool,
     /// Write the daemon's process id here.
