@@ -1,10 +1,13 @@
 //! Replays the client side of QSD 10.0.2's recorded QMP transcripts
 //! (copied from the workplace's `shared/reference/qsd-transcripts/` into
-//! `tests/qsd-transcripts/`, so that a fresh clone has them) against our daemon serving the same chain, and
-//! compares: every reply (keys, types, error classes and texts, stable values) and each
-//! job's event sequence (names and payloads; byte offsets of unfinished jobs and
-//! timestamps aside). Before each request the replay waits for the events QSD had sent
-//! before it, so job states line up.
+//! `tests/qsd-transcripts/`, so that a fresh clone has them) against our daemon serving the
+//! same chain with the same nodes (`daemon_as_qsd`), and compares: every reply (keys, types,
+//! error classes and texts, and every value but those [`VOLATILE`] lists, paths as names in
+//! the scenario folder) and each job's event sequence (names and payloads; byte offsets of
+//! unfinished jobs and timestamps aside), including events QSD never sent: for a job it never
+//! had, or after its last one (read up to the reply to a final request). Before each request
+//! the replay waits for the events QSD had sent before it, so job states line up. The
+//! `comparator_*` tests check that the comparison does report such differences.
 //!
 //! Transcripts not replayed, and why:
 //! - `D_*`: blkdebug error injection (we have no error-injecting driver).
@@ -20,7 +23,10 @@
 
 mod common;
 
-use common::{daemon_for, is_event, make_chain, serve, BaseKind, Client};
+use common::{
+    daemon_as_qsd, daemon_for, is_event, make_chain, make_chain_with, serve, BackingNames,
+    BaseKind, Client,
+};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -36,6 +42,14 @@ fn transcripts_dir() -> std::path::PathBuf {
 }
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Replies QSD sent after its recording stopped, by transcript: `exp1.log` ends with the
+/// reply that `[1,2]` completed for `not json`, not with the one to `[1,2]` itself (QSD's,
+/// as `tests/wire_quirks.rs` checks for such input).
+const UNRECORDED_REPLIES: &[(&str, &str)] = &[(
+    "exp1.log",
+    r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#,
+)];
+
 /// One request and what QSD sent until the next request.
 #[derive(Debug, Default)]
 struct Window {
@@ -47,14 +61,17 @@ struct Window {
 /// A connection's worth of transcript.
 type Session = Vec<Window>;
 
-fn read_transcript(name: &str) -> Vec<Session> {
+fn read_transcript(name: &str) -> String {
     let path = transcripts_dir().join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+    std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (the reference transcripts are needed)",
             path.display()
         )
-    });
+    })
+}
+
+fn parse_transcript(text: &str) -> Vec<Session> {
     let mut sessions: Vec<Session> = Vec::new();
     for line in text.lines() {
         if let Some(request) = line.strip_prefix("-> ") {
@@ -138,22 +155,27 @@ fn job_of(event: &Value) -> String {
         .to_string()
 }
 
-/// Keys whose values depend on timing or on file names: only their type is compared.
+/// Keys whose values are compared only by type, each for a reason that holds by design:
+/// - `offset`, `current-progress`: how far an unfinished job got when asked (timing);
+/// - `busy`: whether the job was inside a chunk at that moment (timing);
+/// - `package`: the build's name (`Debian 1:10.0.2+ds-2...` against `imgstream 0.1.0`);
+/// - `actual-size`: host allocation, which depends on the file system and on how each
+///   daemon preallocates and writes back.
+///
+/// Everything else is compared exactly, paths as names inside the scenario folder
+/// ([`Replay::in_scenario`]), except a file node's `virtual-size` ([`FILE_SIZE`]).
 const VOLATILE: &[&str] = &[
     "offset",
     "current-progress",
     "busy",
     "package",
-    "filename",
-    "file",
     "actual-size",
-    "backing-filename",
-    "full-backing-filename",
-    "backing_file",
-    "backing_file_depth",
-    "ro",
-    "virtual-size",
 ];
+
+/// A `file` node's `virtual-size` is its file's length, which depends on where each daemon
+/// put its clusters and on the room it reserved (docs/qmp.md; `tests/qsd_diff.rs` does not
+/// compare it either). A format node's is compared.
+const FILE_SIZE: &str = "virtual-size";
 
 fn kind(v: &Value) -> &'static str {
     match v {
@@ -179,9 +201,10 @@ fn compare(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) 
                 out.push(format!("{path}: keys {ek:?} != {ak:?}"));
                 return;
             }
+            let file_node_image = e.get("format") == Some(&Value::from("file"));
             for (key, value) in e {
                 let sub = format!("{path}.{key}");
-                if VOLATILE.contains(&key.as_str()) {
+                if VOLATILE.contains(&key.as_str()) || (file_node_image && key == FILE_SIZE) {
                     if kind(value) != kind(&a[key]) {
                         out.push(format!("{sub}: type {} != {}", kind(value), kind(&a[key])));
                     }
@@ -244,6 +267,39 @@ struct Replay<'a> {
 }
 
 impl Replay<'_> {
+    /// `value` with paths as names inside the scenario folder: QSD ran in its folder and
+    /// named files relative to it, or as `/scratch/NAME/...` where a request gave a full path;
+    /// ours are under `self.dir`. `ours` says which side `value` comes from.
+    fn in_scenario(&self, value: &Value, ours: bool) -> Value {
+        let prefixes = if ours {
+            vec![format!("{}/", self.dir.display())]
+        } else {
+            vec![
+                format!(
+                    "/scratch/{}/",
+                    self.name.trim_end_matches(".log").trim_end_matches("-qmp")
+                ),
+                "/scratch/".to_string(),
+            ]
+        };
+        match value {
+            Value::String(text) => {
+                Value::String(prefixes.iter().fold(text.clone(), |text, prefix| {
+                    text.replace(prefix.as_str(), "")
+                }))
+            }
+            Value::Array(items) => {
+                Value::Array(items.iter().map(|v| self.in_scenario(v, ours)).collect())
+            }
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), self.in_scenario(v, ours)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+
     fn substitute(&self, request: &str) -> String {
         let dir = format!("{}/", self.dir.display());
         let abs = format!(
@@ -277,7 +333,12 @@ impl Replay<'_> {
                 match replies.get(n) {
                     Some(actual) => {
                         let mut out = Vec::new();
-                        compare(expected, actual, "reply", &mut out);
+                        compare(
+                            &self.in_scenario(expected, false),
+                            &self.in_scenario(actual, true),
+                            "reply",
+                            &mut out,
+                        );
                         self.mismatches
                             .extend(out.into_iter().map(|m| format!("{label}: {m}")));
                     }
@@ -293,29 +354,43 @@ impl Replay<'_> {
             }
         }
         self.collect_events(&mut client, &mut ours, &theirs).await;
+        self.sync(&mut client, &mut ours).await;
+        // Events for a job QSD never had (say, one it refused to create) are differences too.
+        let mut extra: Vec<&String> = ours
+            .keys()
+            .filter(|job| !theirs.contains_key(*job))
+            .collect();
+        extra.sort();
+        for job in extra {
+            order.push(job.clone());
+        }
+        let names = |list: &[Value]| -> Vec<String> {
+            list.iter()
+                .map(|e| {
+                    let status = e["data"]["status"].as_str().unwrap_or("");
+                    format!("{}{}", e["event"].as_str().unwrap_or(""), status)
+                })
+                .collect()
+        };
         for job in order {
-            let expected = &theirs[&job];
+            let expected = theirs.get(&job).cloned().unwrap_or_default();
             let actual = ours.get(&job).cloned().unwrap_or_default();
-            let names = |list: &[Value]| -> Vec<String> {
-                list.iter()
-                    .map(|e| {
-                        let status = e["data"]["status"].as_str().unwrap_or("");
-                        format!("{}{}", e["event"].as_str().unwrap_or(""), status)
-                    })
-                    .collect()
-            };
             if expected.len() != actual.len() {
                 self.mismatches.push(format!(
                     "{}: job {job}: events {:?} != {:?}",
                     self.name,
-                    names(expected),
+                    names(&expected),
                     names(&actual)
                 ));
                 continue;
             }
             for (e, a) in expected.iter().zip(&actual) {
                 let mut out = Vec::new();
-                compare_event(e, a, &mut out);
+                compare_event(
+                    &self.in_scenario(e, false),
+                    &self.in_scenario(a, true),
+                    &mut out,
+                );
                 self.mismatches.extend(
                     out.into_iter()
                         .map(|m| format!("{}: job {job}: {m}", self.name)),
@@ -323,6 +398,32 @@ impl Replay<'_> {
             }
         }
         cleanup_jobs(&mut client).await;
+    }
+
+    /// Reads everything our daemon sent before answering one more request: it sends the
+    /// events that happened before a request ahead of its reply, so any event beyond QSD's
+    /// (after its last expected one, or for a job it never had) is seen without waiting for
+    /// a time. A reply QSD's recording does not have is a difference, unless the recording
+    /// stopped before it ([`UNRECORDED_REPLIES`]).
+    async fn sync(&mut self, client: &mut Client, ours: &mut HashMap<String, Vec<Value>>) {
+        client
+            .send_raw(br#"{"execute": "query-jobs", "id": "sync"}"#)
+            .await;
+        let mut unrecorded = UNRECORDED_REPLIES
+            .iter()
+            .filter(|(name, _)| *name == self.name)
+            .map(|(_, reply)| serde_json::from_str::<Value>(reply).expect("JSON"));
+        loop {
+            match client.next(WAIT).await {
+                Some(m) if is_event(&m) => ours.entry(job_of(&m)).or_default().push(m),
+                Some(m) if m["id"] == "sync" => return,
+                Some(m) if unrecorded.next().as_ref() == Some(&m) => {}
+                Some(m) => self
+                    .mismatches
+                    .push(format!("{}: a reply QSD did not send: {m}", self.name)),
+                None => panic!("{}: no reply to the final query-jobs", self.name),
+            }
+        }
     }
 
     /// Reads events until each job has as many as QSD had sent so far.
@@ -387,14 +488,29 @@ enum Images {
 }
 
 async fn replay(name: &str, base: BaseKind, images: Images) {
-    let sessions = read_transcript(name);
+    let mismatches = replay_text(name, &read_transcript(name), base, images).await;
+    assert!(
+        mismatches.is_empty(),
+        "{} differences from QSD:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+}
+
+/// Replays transcript `text` (named `name`); returns the differences.
+async fn replay_text(name: &str, text: &str, base: BaseKind, images: Images) -> Vec<String> {
+    let sessions = parse_transcript(text);
     let mut mismatches = Vec::new();
+    // Nodes as QSD's were (`daemon_as_qsd`) over a chain whose headers name each backing
+    // file as its node was opened (QSD: by relative name, in the images' folder; we cannot
+    // change folder, so by absolute path): QEMU's rules that compare the two (`json:`
+    // filenames, `base` lookup) then meet the same case.
     let mut dir = tempfile::tempdir().expect("tempdir");
-    make_chain(dir.path(), base);
+    make_chain_with(dir.path(), base, BackingNames::Absolute);
     for (n, session) in sessions.iter().enumerate() {
         if n > 0 && images == Images::Fresh {
             dir = tempfile::tempdir().expect("tempdir");
-            make_chain(dir.path(), base);
+            make_chain_with(dir.path(), base, BackingNames::Absolute);
         }
         let mut replay = Replay {
             dir: dir.path(),
@@ -402,19 +518,14 @@ async fn replay(name: &str, base: BaseKind, images: Images) {
             mismatches: Vec::new(),
         };
         // A daemon per session: QSD was restarted between them.
-        let daemon = daemon_for(dir.path());
+        let daemon = daemon_as_qsd(dir.path());
         let (path, stop, handle) = serve(&daemon, dir.path()).await;
         replay.session(&path, session).await;
         mismatches.append(&mut replay.mismatches);
         let _ = stop.send(());
         let _ = handle.await;
     }
-    assert!(
-        mismatches.is_empty(),
-        "{} differences from QSD:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
+    mismatches
 }
 
 macro_rules! transcript {
@@ -479,6 +590,136 @@ transcript!(
     cor_throttled_partial_stream_cancel_matches_qsd,
     "COR-qmp.log"
 );
+
+/// `name`'s transcript with `edit` applied, replayed: the differences found.
+async fn replay_altered(name: &str, edit: impl Fn(&str) -> String) -> Vec<String> {
+    let original = read_transcript(name);
+    let altered = edit(&original);
+    assert_ne!(altered, original, "the edit changed nothing");
+    replay_text(name, &altered, BaseKind::Qcow2, Images::Fresh).await
+}
+
+/// A stand-in for a daemon that sends, for each request of the single session in `text`, the
+/// lines QSD sent after it, in QSD's order, and `late` after the last request's; any further
+/// request gets `{"return": [], "id": ...}`.
+async fn fake_qsd(listener: tokio::net::UnixListener, text: String, late: Option<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut greeting = String::new();
+    let mut answers: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("-> ") {
+            answers.push(String::new());
+        } else if let Some(message) = line.strip_prefix("<- ") {
+            let out = answers.last_mut().unwrap_or(&mut greeting);
+            out.push_str(message);
+            out.push_str("\r\n");
+        }
+    }
+    if let (Some(last), Some(late)) = (answers.last_mut(), late) {
+        last.push_str(&late);
+        last.push_str("\r\n");
+    }
+    let (mut stream, _) = listener.accept().await.expect("accept");
+    stream
+        .write_all(greeting.as_bytes())
+        .await
+        .expect("greeting");
+    let mut answers = answers.into_iter();
+    let mut requests = imgstream_qmp::json::Streamer::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut parsed = Vec::new();
+        requests.feed(&buf[..n], &mut parsed);
+        for request in parsed {
+            let answer = answers.next().unwrap_or_else(|| {
+                let id = request.map(|(v, _)| v["id"].clone()).unwrap_or_default();
+                format!("{}\r\n", json!({"return": [], "id": id}))
+            });
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Replays the last session of `name` against [`fake_qsd`] sending QSD's own lines plus
+/// `late`.
+async fn replay_against_qsd_itself(name: &str, late: Option<String>) -> Vec<String> {
+    let whole = read_transcript(name);
+    let last_greeting = whole.rfind("<- {\"QMP\"").expect("a greeting");
+    let text = whole[last_greeting..].to_string();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fake.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let server = tokio::spawn(fake_qsd(listener, text.clone(), late));
+    let sessions = parse_transcript(&text);
+    assert_eq!(sessions.len(), 1, "one session");
+    let mut replay = Replay {
+        dir: dir.path(),
+        name,
+        mismatches: Vec::new(),
+    };
+    replay.session(&path, &sessions[0]).await;
+    server.abort();
+    replay.mismatches
+}
+
+/// The comparator's own test: QSD's replies and events match themselves, and an event after
+/// QSD's last one for a job, sent after the last reply, is a difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comparator_reports_an_event_after_the_last_expected_one() {
+    assert_eq!(
+        replay_against_qsd_itself("expC.log", None).await,
+        Vec::<String>::new()
+    );
+    let late = r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "JOB_STATUS_CHANGE", "data": {"status": "null", "id": "m3"}}"#;
+    let mismatches = replay_against_qsd_itself("expC.log", Some(late.into())).await;
+    assert!(
+        mismatches.iter().any(|m| m.contains("job m3: events")),
+        "{mismatches:?}"
+    );
+}
+
+/// The comparator's own test: events for a job QSD never had are differences.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comparator_reports_events_of_a_job_qsd_never_had() {
+    let mismatches = replay_altered("expC.log", |text| {
+        text.lines()
+            .filter(|line| !(line.contains(r#""event""#) && line.contains(r#""m3""#)))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    })
+    .await;
+    assert!(
+        mismatches
+            .iter()
+            .any(|m| m.contains("job m3: events [] != [\"JOB_STATUS_CHANGEcreated\"")),
+        "{mismatches:?}"
+    );
+}
+
+/// The comparator's own test: `ro`, `backing_file_depth` and `backing_file` are compared by
+/// value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comparator_reports_node_ro_depth_and_backing_file() {
+    let mid = r#""ro": false, "node-name": "mid", "backing_file_depth": 0, "drv": "qcow2", "iops": 0, "bps_wr": 0, "write_threshold": 0, "backing_file": "base.qcow2""#;
+    let altered = r#""ro": true, "node-name": "mid", "backing_file_depth": 1, "drv": "qcow2", "iops": 0, "bps_wr": 0, "write_threshold": 0, "backing_file": "other.qcow2""#;
+    let mismatches = replay_altered("expA.log", |text| text.replace(mid, altered)).await;
+    for field in [
+        r#"["mid"].ro: true != false"#,
+        r#"["mid"].backing_file_depth: 1 != 0"#,
+        r#"["mid"].backing_file: "other.qcow2" != "base.qcow2""#,
+    ] {
+        assert!(
+            mismatches.iter().any(|m| m.contains(field)),
+            "{field} not reported: {mismatches:?}"
+        );
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_into_intermediate_node_is_refused() {

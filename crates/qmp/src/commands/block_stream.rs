@@ -48,18 +48,22 @@ fn depth_in(chain: &[Arc<Layer>], node: &Node, from: usize) -> Option<usize> {
         .map(|(depth, _)| depth)
 }
 
-/// The layer below `from` that the `base` filename designates, matched as QEMU matches it:
-/// the name recorded by the overlay, the path it was opened from, or the same file.
+/// The layer below `from` that the `base` filename designates, matched as QEMU's
+/// `bdrv_find_backing_image()` matches it: the name recorded by the overlay, the path the
+/// layer was opened from, or the same file, a relative name being read from the overlay's
+/// folder (not the daemon's).
 fn find_base(chain: &[Arc<Layer>], from: usize, name: &str) -> Option<usize> {
-    let wanted = std::fs::canonicalize(name).ok();
+    let canonical = |path: &Path| std::fs::canonicalize(path).ok();
     chain
         .iter()
         .enumerate()
         .skip(from + 1)
-        .find(|(_, layer)| {
+        .find(|(depth, layer)| {
+            let overlay_folder = chain[depth - 1].path.parent().unwrap_or(Path::new(""));
+            let wanted = canonical(&overlay_folder.join(name));
             layer.recorded_name == name
                 || layer.path == Path::new(name)
-                || wanted.is_some() && std::fs::canonicalize(&layer.path).ok() == wanted
+                || wanted.is_some() && canonical(&layer.path) == wanted
         })
         .map(|(depth, _)| depth)
 }

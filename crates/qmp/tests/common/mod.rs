@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 use imgstream_block::{ChainOptions, Disk};
+use imgstream_qmp::commands::blockdev::blockdev_add;
+use imgstream_qmp::qsd_args::parse_option;
 use imgstream_qmp::Daemon;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,22 @@ pub enum BaseKind {
 /// The reference's chain in `dir`: base (0xaa @0-8M, 0xbb @32-36M, zero @40-41M) ← mid
 /// (0xcc @4-8M, zero @33M-33.5M) ← top (0xdd @6-7M), 64 MiB, plus a standalone `lone.qcow2`.
 pub fn make_chain(dir: &Path, base: BaseKind) {
+    make_chain_with(dir, base, BackingNames::Relative);
+}
+
+/// How the chain's headers name their backing files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingNames {
+    /// `mid.qcow2`, as the reference made them.
+    Relative,
+    /// The absolute path, which is how nodes opened by absolute path are named: the header
+    /// then names its backing node by its filename, as the reference's did for QSD, which ran
+    /// in the images' folder and opened them by relative name.
+    Absolute,
+}
+
+/// [`make_chain`] with the backing files named as `names` says.
+pub fn make_chain_with(dir: &Path, base: BaseKind, names: BackingNames) {
     let (base_file, base_format) = match base {
         BaseKind::Qcow2 => ("base.qcow2", "qcow2"),
         BaseKind::Raw => ("base.raw", "raw"),
@@ -53,6 +71,10 @@ pub fn make_chain(dir: &Path, base: BaseKind) {
     }
     base_writes.push(base_file);
     run(dir, "qemu-io", &base_writes);
+    let name = |file: &str| match names {
+        BackingNames::Relative => file.to_string(),
+        BackingNames::Absolute => dir.join(file).display().to_string(),
+    };
     run(
         dir,
         "qemu-img",
@@ -61,7 +83,7 @@ pub fn make_chain(dir: &Path, base: BaseKind) {
             "-f",
             "qcow2",
             "-b",
-            base_file,
+            &name(base_file),
             "-F",
             base_format,
             "mid.qcow2",
@@ -86,7 +108,7 @@ pub fn make_chain(dir: &Path, base: BaseKind) {
             "-f",
             "qcow2",
             "-b",
-            "mid.qcow2",
+            &name("mid.qcow2"),
             "-F",
             "qcow2",
             "top.qcow2",
@@ -122,6 +144,39 @@ pub fn daemon_for(dir: &Path) -> Arc<Daemon> {
     daemon.rename_node("top.2", "base").expect("rename base");
     let lone = Disk::open(&dir.join("lone.qcow2"), &ChainOptions::writable()).expect("open lone");
     daemon.add_chain("lone", Arc::new(lone)).expect("add lone");
+    daemon
+}
+
+/// A daemon with the chain's nodes made as the reference QSD's were (its `--blockdev`
+/// options, `tests/harness/daemon.rs`): for each image a `file` node `NAME-file` and a format
+/// node `NAME` over it, each format node's `backing` naming the node below, the bottom one
+/// opening its header's chain (none); `lone` likewise.
+pub fn daemon_as_qsd(dir: &Path) -> Arc<Daemon> {
+    let daemon = Daemon::new();
+    let base_format = if dir.join("base.raw").exists() {
+        ("base.raw", "raw")
+    } else {
+        ("base.qcow2", "qcow2")
+    };
+    let nodes = [
+        ("lone", "lone.qcow2", "qcow2", None),
+        ("base", base_format.0, base_format.1, None),
+        ("mid", "mid.qcow2", "qcow2", Some("base")),
+        ("top", "top.qcow2", "qcow2", Some("mid")),
+    ];
+    for (node, file, format, backing) in nodes {
+        let path = dir.join(file);
+        let protocol = format!(
+            "driver=file,filename={},node-name={node}-file,aio=threads",
+            path.display()
+        );
+        let backing = backing.map(|b| format!(",backing={b}")).unwrap_or_default();
+        let format = format!("driver={format},file={node}-file,node-name={node}{backing}");
+        for option in [protocol, format] {
+            let opts = parse_option(&option, None).unwrap_or_else(|e| panic!("{option}: {e}"));
+            blockdev_add(&daemon, opts).unwrap_or_else(|e| panic!("{option}: {e}"));
+        }
+    }
     daemon
 }
 
