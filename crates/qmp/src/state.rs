@@ -49,6 +49,9 @@ pub struct Node {
     /// Whether `backing` was given (a node or null) rather than opened from the header: QEMU
     /// then names the node with a `json:` filename unless the header names that backing.
     pub explicit_backing: bool,
+    /// The layers under this one when the node was made. A stream that drops the node from its
+    /// disk's chain leaves it this backing, as QEMU leaves a dropped node its backing link.
+    pub below_when_made: Vec<Arc<Layer>>,
 }
 
 /// A protocol node (`driver=file`): a path and its options; the format node above it opens
@@ -94,6 +97,18 @@ impl Node {
             .layers()
             .iter()
             .position(|l| Arc::ptr_eq(l, &self.layer))
+    }
+
+    /// The node's layer and those under it: in its disk's chain now, or, once a stream dropped
+    /// it from that chain, as they were when the node was made.
+    pub fn chain(&self) -> Vec<Arc<Layer>> {
+        let layers = self.disk.layers();
+        match self.depth() {
+            Some(depth) => layers[depth..].to_vec(),
+            None => std::iter::once(self.layer.clone())
+                .chain(self.below_when_made.iter().cloned())
+                .collect(),
+        }
     }
 }
 
@@ -181,14 +196,15 @@ impl Daemon {
         // Backing images first, as QSD users add them: listed newest first, the top leads.
         let count = layers.len() as u64;
         let first = self.next_seq.fetch_add(count, Ordering::Relaxed);
-        for (depth, (name, layer)) in names.into_iter().zip(layers).enumerate() {
+        for (depth, name) in names.into_iter().enumerate() {
             nodes.push(Node {
                 name,
                 disk: disk.clone(),
-                layer,
+                layer: layers[depth].clone(),
                 file: None,
                 seq: first + count - 1 - depth as u64,
                 explicit_backing: false,
+                below_when_made: layers[depth + 1..].to_vec(),
             });
         }
         Ok(())

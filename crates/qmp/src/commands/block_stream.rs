@@ -103,10 +103,13 @@ pub async fn block_stream(daemon: &Arc<Daemon>, args: &Args) -> Result<Json, Qmp
         .node(device)
         .ok_or_else(|| not_found(device, device))?;
     let chain = node.disk.layers();
-    // A node dropped from its disk's chain by an earlier stream stands alone.
-    let (chain, top) = match node.depth() {
-        Some(depth) => (chain, depth),
-        None => (vec![node.layer.clone()], 0),
+    // A node an earlier stream dropped from its disk's chain keeps its backing (as QEMU's
+    // does), but no disk of ours holds that chain any more to stream it through.
+    let Some(top) = node.depth() else {
+        return Err(QmpError::generic(format!(
+            "Node '{device}' was dropped from its chain by an earlier stream; streaming it \
+             is not supported"
+        )));
     };
 
     // Index of the kept base in `chain` (chain.len() = stream everything).

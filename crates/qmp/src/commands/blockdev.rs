@@ -305,11 +305,7 @@ fn add_format(
                             "Cannot find device='{reference}' nor node-name='{reference}'"
                         ))
                     })?;
-                    let layers = node.disk.layers();
-                    match node.depth() {
-                        Some(depth) => layers[depth..].to_vec(),
-                        None => vec![node.layer.clone()],
-                    }
+                    node.chain()
                 }
                 _ => Vec::new(),
             };
@@ -329,6 +325,7 @@ fn add_format(
         }
     };
     if let Some(name) = &name {
+        let below_when_made = disk.layers()[1..].to_vec();
         daemon.insert_node(Node {
             name: name.clone(),
             disk: Arc::new(disk),
@@ -336,6 +333,7 @@ fn add_format(
             file: file_node,
             seq: daemon.next_seq(),
             explicit_backing,
+            below_when_made,
         });
     }
     Ok(name)

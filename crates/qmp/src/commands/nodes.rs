@@ -220,11 +220,7 @@ fn filename(nodes: &[Node], chain: &[Arc<Layer>]) -> String {
 }
 
 fn node_info(node: &Node, nodes: &[Node], flat: bool) -> NodeInfo {
-    let layers = node.disk.layers();
-    let chain: Vec<Arc<Layer>> = match node.depth() {
-        Some(depth) => layers[depth..].to_vec(),
-        None => vec![node.layer.clone()],
-    };
+    let chain = node.chain();
     let below = &chain[1..];
     let mut image = image_info(nodes, &node.layer, if flat { &[] } else { below });
     image.filename = filename(nodes, &chain);
@@ -244,11 +240,7 @@ fn node_info(node: &Node, nodes: &[Node], flat: bool) -> NodeInfo {
         iops: 0,
         bps_wr: 0,
         write_threshold: 0,
-        // A node a stream dropped from its disk's chain still names its header's backing.
-        backing_file: match node.depth() {
-            Some(_) => (!below.is_empty()).then(|| filename(nodes, below)),
-            None => node.layer.image.backing().map(|b| b.name),
-        },
+        backing_file: (!below.is_empty()).then(|| filename(nodes, below)),
         encrypted: false,
         bps: 0,
         bps_rd: 0,
