@@ -6,11 +6,15 @@
 //! the scenario folder) and each job's event sequence (names and payloads; byte offsets of
 //! unfinished jobs and timestamps aside), including events QSD never sent: for a job it never
 //! had, or after its last one (read up to the reply to a final request). Before each request
-//! the replay waits for the events QSD had sent before it, so job states line up. The
-//! `comparator_*` tests check that the comparison does report such differences.
+//! the replay waits for the events QSD had sent before it (before a query, also those QSD
+//! sent before answering it), so job states line up. The `comparator_*` tests check that the
+//! comparison does report such differences.
+//!
+//! The error-policy transcripts `D_*` are replayed with their errors made for real
+//! ([`Fault`]): EIO on mid's first data read, and ENOSPC from a full tmpfs under the images
+//! (needs root); there the progress at each error is compared too.
 //!
 //! Transcripts not replayed, and why:
-//! - `D_*`: blkdebug error injection (we have no error-injecting driver).
 //! - `H`: filter nodes in the graph and parallel `bottom` jobs in one 5-image chain (we
 //!   stream only into the top of a disk).
 //! - `I`: read-only and auto-read-only nodes opened with `blockdev-add` options.
@@ -27,9 +31,15 @@ use common::{
     daemon_as_qsd, daemon_for, is_event, make_chain, make_chain_with, serve, BackingNames,
     BaseKind, Client,
 };
+use imgstream_block::chain::open_layer;
+use imgstream_block::{Disk, FormatKind, Layer};
+use imgstream_format::{open_format, FileStorage, Storage};
+use imgstream_qmp::Daemon;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Where the reference transcripts are: `$IMGSTREAM_TRANSCRIPTS`, else the copy in the
@@ -56,6 +66,8 @@ struct Window {
     request: String,
     replies: Vec<Value>,
     events: Vec<Value>,
+    /// How many of `events` QSD sent before its first reply.
+    events_before_reply: usize,
 }
 
 /// A connection's worth of transcript.
@@ -93,6 +105,9 @@ fn parse_transcript(text: &str) -> Vec<Session> {
             };
             if is_event(&message) {
                 window.events.push(message);
+                if window.replies.is_empty() {
+                    window.events_before_reply = window.events.len();
+                }
             } else {
                 window.replies.push(message);
             }
@@ -100,7 +115,7 @@ fn parse_transcript(text: &str) -> Vec<Session> {
     }
     for session in &mut sessions {
         for window in session.iter_mut() {
-            drop_internal_drains(&mut window.events);
+            drop_internal_drains(window);
         }
     }
     sessions
@@ -108,7 +123,7 @@ fn parse_transcript(text: &str) -> Vec<Session> {
 
 /// QEMU drains the graph inside some commands, which shows as `paused` then `running` of a
 /// job within one request; we have no such drains (docs/qmp.md), so those pairs go.
-fn drop_internal_drains(events: &mut Vec<Value>) {
+fn drop_internal_drains(window: &mut Window) {
     loop {
         let status = |e: &Value| {
             (e["event"] == "JOB_STATUS_CHANGE").then(|| {
@@ -119,12 +134,12 @@ fn drop_internal_drains(events: &mut Vec<Value>) {
             })
         };
         let mut found = None;
-        'outer: for (i, e) in events.iter().enumerate() {
+        'outer: for (i, e) in window.events.iter().enumerate() {
             if let Some((id, s)) = status(e) {
                 if s != "paused" {
                     continue;
                 }
-                for (j, later) in events.iter().enumerate().skip(i + 1) {
+                for (j, later) in window.events.iter().enumerate().skip(i + 1) {
                     if let Some((id2, s2)) = status(later) {
                         if id2 == id {
                             if s2 == "running" {
@@ -138,8 +153,10 @@ fn drop_internal_drains(events: &mut Vec<Value>) {
         }
         match found {
             Some((i, j)) => {
-                events.remove(j);
-                events.remove(i);
+                let before = window.events_before_reply;
+                window.events_before_reply -= usize::from(j < before) + usize::from(i < before);
+                window.events.remove(j);
+                window.events.remove(i);
             }
             None => return,
         }
@@ -188,7 +205,7 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn compare(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) {
+fn compare(expected: &Value, actual: &Value, path: &str, volatile: &[&str], out: &mut Vec<String>) {
     match (expected, actual) {
         (Value::Object(e), Value::Object(a)) => {
             let ek: Vec<&String> = e.keys().collect();
@@ -204,12 +221,12 @@ fn compare(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) 
             let file_node_image = e.get("format") == Some(&Value::from("file"));
             for (key, value) in e {
                 let sub = format!("{path}.{key}");
-                if VOLATILE.contains(&key.as_str()) || (file_node_image && key == FILE_SIZE) {
+                if volatile.contains(&key.as_str()) || (file_node_image && key == FILE_SIZE) {
                     if kind(value) != kind(&a[key]) {
                         out.push(format!("{sub}: type {} != {}", kind(value), kind(&a[key])));
                     }
                 } else {
-                    compare(value, &a[key], &sub, out);
+                    compare(value, &a[key], &sub, volatile, out);
                 }
             }
         }
@@ -219,7 +236,7 @@ fn compare(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) 
                 for node in a {
                     let name = &node["node-name"];
                     if let Some(theirs) = e.iter().find(|n| &n["node-name"] == name) {
-                        compare(theirs, node, &format!("{path}[{name}]"), out);
+                        compare(theirs, node, &format!("{path}[{name}]"), volatile, out);
                     }
                 }
                 return;
@@ -229,7 +246,7 @@ fn compare(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) 
                 return;
             }
             for (i, (x, y)) in e.iter().zip(a).enumerate() {
-                compare(x, y, &format!("{path}[{i}]"), out);
+                compare(x, y, &format!("{path}[{i}]"), volatile, out);
             }
         }
         _ if expected != actual => out.push(format!("{path}: {expected} != {actual}")),
@@ -238,7 +255,7 @@ fn compare(expected: &Value, actual: &Value, path: &str, out: &mut Vec<String>) 
 }
 
 /// Event payloads: offsets are compared only where QSD's job had finished (offset == len).
-fn compare_event(expected: &Value, actual: &Value, out: &mut Vec<String>) {
+fn compare_event(expected: &Value, actual: &Value, volatile: &[&str], out: &mut Vec<String>) {
     let mut e = expected.clone();
     let mut a = actual.clone();
     for v in [&mut e, &mut a] {
@@ -257,12 +274,17 @@ fn compare_event(expected: &Value, actual: &Value, out: &mut Vec<String>) {
             data.insert("offset-final".into(), offset);
         }
     }
-    compare(&e, &a, &format!("{}", expected["event"]), out);
+    compare(&e, &a, &format!("{}", expected["event"]), volatile, out);
 }
 
 struct Replay<'a> {
     dir: &'a Path,
     name: &'a str,
+    /// Keys compared only by type ([`VOLATILE`] unless the scenario pins them down).
+    volatile: &'a [&'a str],
+    /// Called with each request before it is sent (to change the world as QSD's recording
+    /// did at that point).
+    before_request: &'a (dyn Fn(&str) + Sync),
     mismatches: Vec<String>,
 }
 
@@ -315,9 +337,30 @@ impl Replay<'_> {
         let mut theirs: HashMap<String, Vec<Value>> = HashMap::new();
         let mut order = Vec::new();
         for (i, window) in session.iter().enumerate() {
+            // A query changes nothing: the events QSD sent before answering it happened on
+            // their own (a job reaching its pause point after an error, say), and asking
+            // before ours has them would compare a state QSD was not in.
+            let is_query = serde_json::from_str::<Value>(&window.request).is_ok_and(|r| {
+                r["execute"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("query-"))
+            });
+            let (before_reply, after_reply) = if is_query {
+                window.events.split_at(window.events_before_reply)
+            } else {
+                (&[][..], &window.events[..])
+            };
+            for event in before_reply {
+                let job = job_of(event);
+                if !order.contains(&job) {
+                    order.push(job.clone());
+                }
+                theirs.entry(job).or_default().push(event.clone());
+            }
             // Wait until we have sent every event QSD had sent before this request.
             self.collect_events(&mut client, &mut ours, &theirs).await;
             let request = self.substitute(&window.request);
+            (self.before_request)(&request);
             client.send_raw(request.as_bytes()).await;
             let mut replies = Vec::new();
             let deadline = Instant::now() + WAIT;
@@ -337,6 +380,7 @@ impl Replay<'_> {
                             &self.in_scenario(expected, false),
                             &self.in_scenario(actual, true),
                             "reply",
+                            self.volatile,
                             &mut out,
                         );
                         self.mismatches
@@ -345,7 +389,7 @@ impl Replay<'_> {
                     None => self.mismatches.push(format!("{label}: no reply")),
                 }
             }
-            for event in &window.events {
+            for event in after_reply {
                 let job = job_of(event);
                 if !order.contains(&job) {
                     order.push(job.clone());
@@ -389,6 +433,7 @@ impl Replay<'_> {
                 compare_event(
                     &self.in_scenario(e, false),
                     &self.in_scenario(a, true),
+                    self.volatile,
                     &mut out,
                 );
                 self.mismatches.extend(
@@ -515,6 +560,8 @@ async fn replay_text(name: &str, text: &str, base: BaseKind, images: Images) -> 
         let mut replay = Replay {
             dir: dir.path(),
             name,
+            volatile: VOLATILE,
+            before_request: &|_| {},
             mismatches: Vec::new(),
         };
         // A daemon per session: QSD was restarted between them.
@@ -591,6 +638,262 @@ transcript!(
     "COR-qmp.log"
 );
 
+/// How the errors of QSD's `D_*` transcripts are made for real here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// EIO on the first read of mid's own data (guest 4 MiB). QSD's recording injected it
+    /// with blkdebug on mid's reads, once (docs/qemu-block-stream.md); we fail that read in
+    /// mid's storage, once.
+    MidDataReadEio,
+    /// The top's file system is full from the start. QSD's recording injected ENOSPC once on
+    /// the top's writes; we keep the images on a small tmpfs filled to the last page, and
+    /// make room before `block-job-resume` (as QSD's injection was spent).
+    FullFileSystem,
+}
+
+/// Linux's EIO (this crate does not depend on `libc`).
+const EIO: i32 = 5;
+
+/// A storage that fails reads of `range` with EIO while it has failures `left`.
+#[derive(Debug)]
+struct FailingReads {
+    inner: Arc<dyn Storage>,
+    range: (u64, u64),
+    left: Arc<AtomicU32>,
+}
+
+impl Storage for FailingReads {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> imgstream_format::Result<()> {
+        let (start, end) = self.range;
+        let overlaps = offset < end && offset + buf.len() as u64 > start;
+        if overlaps
+            && self
+                .left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(imgstream_format::Error::io(
+                "Injected read error",
+                std::io::Error::from_raw_os_error(EIO),
+            ));
+        }
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> imgstream_format::Result<()> {
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&self) -> imgstream_format::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> imgstream_format::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> imgstream_format::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn data_or_hole(&self, offset: u64) -> imgstream_format::Result<Option<(bool, u64)>> {
+        self.inner.data_or_hole(offset)
+    }
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+}
+
+/// The host range of `image`'s first own data extent, from `qemu-img map`.
+fn first_data_extent(image: &Path) -> (u64, u64) {
+    let output = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "qcow2", "-U"])
+        .arg(image)
+        .output()
+        .expect("qemu-img map");
+    let map: Value = serde_json::from_slice(&output.stdout).expect("qemu-img map JSON");
+    let extent = map
+        .as_array()
+        .and_then(|extents| {
+            extents
+                .iter()
+                .find(|e| e["depth"] == 0 && e["data"] == true && e["offset"].is_u64())
+        })
+        .unwrap_or_else(|| panic!("no data in {}: {map}", image.display()));
+    let host = extent["offset"].as_u64().unwrap_or_default();
+    (host, host + extent["length"].as_u64().unwrap_or_default())
+}
+
+/// The chain in `dir` served as QSD's short-form test daemon names it (`top`, `mid`, `base`),
+/// with mid's reads of its own data failing once once `arm` is called.
+fn daemon_with_failing_mid(dir: &Path) -> (Arc<Daemon>, impl Fn()) {
+    let range = first_data_extent(&dir.join("mid.qcow2"));
+    let left = Arc::new(AtomicU32::new(0));
+    let layer = |file: &str, writable: bool| {
+        open_layer(
+            &dir.join(file),
+            file,
+            Some(FormatKind::Qcow2),
+            writable,
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    let path = dir.join("mid.qcow2");
+    let storage = Arc::new(FailingReads {
+        inner: Arc::new(FileStorage::open(&path, false).expect("open mid")),
+        range,
+        left: left.clone(),
+    });
+    let image = open_format(
+        FormatKind::Qcow2,
+        storage,
+        imgstream_format::OpenOptions { writable: false },
+    )
+    .expect("mid");
+    let mid = Layer {
+        image,
+        path,
+        recorded_name: "mid.qcow2".into(),
+        format: FormatKind::Qcow2,
+    };
+    let disk = Disk::from_layers(
+        vec![layer("top.qcow2", true), mid, layer("base.qcow2", false)],
+        true,
+    );
+    let daemon = Daemon::new();
+    daemon.add_chain("top", Arc::new(disk)).expect("add top");
+    daemon.rename_node("top.1", "mid").expect("rename mid");
+    daemon.rename_node("top.2", "base").expect("rename base");
+    // Armed only now: opening the chain must not trip over it.
+    (daemon, move || left.store(1, Ordering::SeqCst))
+}
+
+/// A tmpfs mounted on a new folder, unmounted when dropped (we run as root).
+struct Tmpfs {
+    mount: PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn new(size: &str) -> Tmpfs {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let mount = parent.path().join("fs");
+        std::fs::create_dir(&mount).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mount)
+            .status()
+            .expect("mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs failed (the ENOSPC replays need root)"
+        );
+        Tmpfs {
+            mount,
+            _parent: parent,
+        }
+    }
+
+    /// Fills the file system to its last page with `filler`; returns its path.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.mount.join("filler");
+        let mut file = std::fs::File::create(&path).expect("filler");
+        let page = [0u8; 4096];
+        loop {
+            match file.write(&page) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => return path,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mount)
+            .status();
+    }
+}
+
+/// Where the error strikes does not depend on timing, so progress is compared too.
+const PINNED_DOWN: &[&str] = &["package", "actual-size"];
+
+/// Replays an error-policy transcript with its error made by `fault`.
+async fn replay_fault(name: &str, fault: Fault) {
+    let sessions = parse_transcript(&read_transcript(name));
+    assert_eq!(sessions.len(), 1, "{name}: one session");
+    let sockets = tempfile::tempdir().expect("tempdir");
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let tmpfs = (fault == Fault::FullFileSystem).then(|| Tmpfs::new("32M"));
+    let dir = tmpfs
+        .as_ref()
+        .map_or(scratch.path(), |fs| fs.mount.as_path());
+    make_chain_with(dir, BaseKind::Qcow2, BackingNames::Absolute);
+    let (daemon, filler) = match fault {
+        Fault::MidDataReadEio => {
+            let (daemon, arm) = daemon_with_failing_mid(dir);
+            arm();
+            (daemon, None)
+        }
+        Fault::FullFileSystem => (daemon_as_qsd(dir), tmpfs.as_ref().map(|fs| fs.fill())),
+    };
+    let make_room = |request: &str| {
+        if request.contains("block-job-resume") {
+            if let Some(filler) = &filler {
+                std::fs::remove_file(filler).expect("make room");
+            }
+        }
+    };
+    let (path, stop, handle) = serve(&daemon, sockets.path()).await;
+    let mut replay = Replay {
+        dir,
+        name,
+        volatile: PINNED_DOWN,
+        before_request: &make_room,
+        mismatches: Vec::new(),
+    };
+    replay.session(&path, &sessions[0]).await;
+    let _ = stop.send(());
+    let _ = handle.await;
+    drop(daemon);
+    assert!(
+        replay.mismatches.is_empty(),
+        "{} differences from QSD:\n{}",
+        replay.mismatches.len(),
+        replay.mismatches.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_report_read_error_fails_the_job_as_in_qsd() {
+    replay_fault("D_report-qmp.log", Fault::MidDataReadEio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_stop_read_error_pauses_then_resumes_as_in_qsd() {
+    replay_fault("D_stop-qmp.log", Fault::MidDataReadEio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_ignore_read_error_goes_on_then_fails_as_in_qsd() {
+    replay_fault("D_ignore-qmp.log", Fault::MidDataReadEio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_enospc_policy_reports_a_read_error_as_in_qsd() {
+    replay_fault("D_enospc_eio-qmp.log", Fault::MidDataReadEio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_enospc_policy_pauses_on_a_full_file_system_as_in_qsd() {
+    replay_fault("D_enospc_enospc-qmp.log", Fault::FullFileSystem).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_report_full_file_system_fails_the_job_as_in_qsd() {
+    replay_fault("D_report_enospc-qmp.log", Fault::FullFileSystem).await;
+}
+
 /// `name`'s transcript with `edit` applied, replayed: the differences found.
 async fn replay_altered(name: &str, edit: impl Fn(&str) -> String) -> Vec<String> {
     let original = read_transcript(name);
@@ -661,6 +964,8 @@ async fn replay_against_qsd_itself(name: &str, late: Option<String>) -> Vec<Stri
     let mut replay = Replay {
         dir: dir.path(),
         name,
+        volatile: VOLATILE,
+        before_request: &|_| {},
         mismatches: Vec::new(),
     };
     replay.session(&path, &sessions[0]).await;
