@@ -879,6 +879,13 @@ async fn d_ignore_read_error_goes_on_then_fails_as_in_qsd() {
     replay_fault("D_ignore-qmp.log", Fault::MidDataReadEio).await;
 }
 
+/// Recorded for imgstream (see the transcripts' README): a job stopped by an error needs
+/// `force` to be cancelled, and then resumes before it aborts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_stop_then_force_cancel_as_in_qsd() {
+    replay_fault("D_stop_force_cancel-qmp.log", Fault::MidDataReadEio).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn d_enospc_policy_reports_a_read_error_as_in_qsd() {
     replay_fault("D_enospc_eio-qmp.log", Fault::MidDataReadEio).await;
