@@ -91,6 +91,8 @@ impl ExportBackend for DiskExport {
 pub struct NbdServerHost {
     runtime: tokio::runtime::Handle,
     running: std::sync::Mutex<Option<Running>>,
+    /// Servers stopped whose connections may still be answering requests in flight.
+    stopping: std::sync::Mutex<Vec<Server>>,
 }
 
 struct Running {
@@ -112,6 +114,7 @@ impl NbdServerHost {
         NbdServerHost {
             runtime,
             running: std::sync::Mutex::new(None),
+            stopping: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -122,6 +125,16 @@ impl NbdServerHost {
     /// Stops the server if it runs (daemon shutdown).
     pub fn shutdown(&self) {
         NbdHost::stop(self);
+    }
+
+    /// Completes once every stopped server's connections have closed, having answered the
+    /// requests they had in flight: the daemon's last flush comes after this.
+    pub async fn wait_closed(&self) {
+        let stopping =
+            std::mem::take(&mut *self.stopping.lock().unwrap_or_else(|p| p.into_inner()));
+        for server in stopping {
+            server.wait_closed().await;
+        }
     }
 }
 
@@ -180,6 +193,10 @@ impl NbdHost for NbdServerHost {
     fn stop(&self) {
         if let Some(running) = self.running().take() {
             running.server.shutdown();
+            self.stopping
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(running.server.clone());
             if let Some(path) = running.unix_path {
                 let _ = std::fs::remove_file(path);
             }

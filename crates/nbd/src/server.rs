@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, ToSocketAddrs, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -84,6 +84,8 @@ struct Inner {
     /// One permit per connection allowed by `max_connections`.
     slots: Arc<Semaphore>,
     connections: AtomicUsize,
+    /// Woken when the last open connection closes.
+    all_closed: Notify,
     /// `max_backend_calls` threads.
     backend_workers: Arc<BackendWorkers>,
 }
@@ -106,7 +108,9 @@ impl ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.inner.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.inner.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.all_closed.notify_waiters();
+        }
     }
 }
 
@@ -151,6 +155,7 @@ impl Server {
                 shutdown: Latch::new(),
                 slots: Arc::new(Semaphore::new(slots)),
                 connections: AtomicUsize::new(0),
+                all_closed: Notify::new(),
             }),
         }
     }
@@ -208,6 +213,23 @@ impl Server {
 
     pub fn is_shut_down(&self) -> bool {
         self.inner.shutdown.is_tripped()
+    }
+
+    /// Completes once no connection is open. After [`shutdown`](Self::shutdown) that is once
+    /// every connection has answered the requests it had in flight (or given up on a client
+    /// that reads no replies, after [`ServerConfig::drain_timeout`]): a daemon waits for this
+    /// before its last flush, so that every write it answered is covered by it.
+    pub async fn wait_closed(&self) {
+        loop {
+            let notified = self.inner.all_closed.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read: a close in between still wakes us.
+            notified.as_mut().enable();
+            if self.connections() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Binds a unix socket at `path` and serves it until shutdown, then

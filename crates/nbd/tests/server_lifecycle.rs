@@ -168,6 +168,33 @@ fn shutdown_finishes_requests_in_flight_then_closes_every_connection() {
 }
 
 #[test]
+fn wait_closed_returns_once_the_requests_in_flight_are_answered() {
+    let backend = slow_backend();
+    let ts = TestServer::start(vec![("disk", export(&backend))]);
+    let (mut busy, _, _) = RawClient::transmission(&ts.socket, "disk", true);
+    busy.request(NBD_CMD_READ, 0, 1, SIZE / 2, 4096);
+    wait_for("the slow read to start", || {
+        backend.slow_reads_started.load(Ordering::Acquire) == 1
+    });
+
+    ts.server.shutdown();
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(ts.server.wait_closed());
+
+    // Closed only after the slow read was answered: a daemon flushes after this.
+    assert_eq!(ts.server.connections(), 0);
+    let (flags, kind, handle, payload) = busy.chunk();
+    assert_eq!(
+        (flags, kind, handle),
+        (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 1)
+    );
+    assert_eq!(&payload[8..], &[0x99; 4096]);
+    assert!(busy.is_closed_by_server());
+}
+
+#[test]
 fn serve_tcp_listens_on_loopback_and_stops_on_shutdown() {
     let backend = slow_backend();
     let runtime = tokio::runtime::Builder::new_multi_thread()

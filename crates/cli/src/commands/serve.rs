@@ -440,6 +440,9 @@ async fn serve_async(
     let _ = imgstream_qmp::commands::exports::nbd_server_stop(&daemon);
     let _ = stop_tx.send(true);
     nbd.shutdown();
+    // Every write a client was answered must be in the images before the last flush: the
+    // connections answer what they have in flight before they close.
+    nbd.wait_closed().await;
     for task in qmp_tasks {
         let _ = task.await;
     }
