@@ -106,7 +106,9 @@ impl ImageFormat for Raw {
     }
 
     fn zero_clusters(&self, guest_offset: u64, count: u64) -> Result<bool> {
-        let len = count * RAW_SECTOR;
+        // The last sector of a file whose size it does not fill ends at the file's end: zeroes
+        // written past it would grow the file.
+        let len = (count * RAW_SECTOR).min(self.size.saturating_sub(guest_offset));
         if !self.storage.punch_hole(guest_offset, len)? {
             self.storage
                 .write_at(guest_offset, &vec![0; len as usize])?;
@@ -140,5 +142,48 @@ impl ImageFormat for Raw {
 
     fn in_place(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recording::MemoryStorage;
+
+    /// A file on a file system that cannot punch holes: the trait's default refuses.
+    #[derive(Debug)]
+    struct NoPunch(MemoryStorage);
+
+    impl Storage for NoPunch {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.0.read_at(offset, buf)
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+            self.0.write_at(offset, buf)
+        }
+        fn flush(&self) -> Result<()> {
+            self.0.flush()
+        }
+        fn len(&self) -> Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> Result<()> {
+            self.0.set_len(len)
+        }
+        fn path(&self) -> &std::path::Path {
+            self.0.path()
+        }
+    }
+
+    #[test]
+    fn zeroing_the_partial_last_sector_without_holes_does_not_grow_the_file() {
+        let storage = Arc::new(NoPunch(MemoryStorage::new(vec![7; 1000], "odd.raw")));
+        let raw = Raw::open(storage.clone(), OpenOptions { writable: true }).expect("open");
+        // Sectors 0 and 1: the second ends at byte 1000 of the file, not 1024.
+        assert!(raw.zero_clusters(0, 2).expect("zero"));
+        assert_eq!(storage.len().expect("len"), 1000);
+        let mut bytes = vec![1; 1000];
+        storage.read_at(0, &mut bytes).expect("read");
+        assert!(bytes.iter().all(|&b| b == 0));
     }
 }
