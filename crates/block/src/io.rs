@@ -392,15 +392,27 @@ impl Disk {
             }
             return self.zero_without_release(layers, start, end);
         }
-        let count = (end - start) / self.cluster_size;
-        if image.zero_clusters(start, count)? {
-            return Ok(());
-        }
-        if self.unallocated_reads_zero(layers) {
-            image.unmap_clusters(start, count)?;
+        if self.release_as_zeroes(layers, start, end)? {
             return Ok(());
         }
         refused("the format has no zero clusters and a backing image shows through")
+    }
+
+    /// Makes whole clusters `[start, end)` read as zeroes by releasing their space, on a format
+    /// that can: as zero clusters, or unallocated where nothing shows through. Returns false,
+    /// having changed nothing, where neither can be done.
+    fn release_as_zeroes(&self, layers: &[Arc<Layer>], start: u64, end: u64) -> Result<bool> {
+        let image = &top_of(layers)?.image;
+        let count = (end - start) / self.cluster_size;
+        if image.zero_clusters(start, count)? {
+            return Ok(true);
+        }
+        if self.unallocated_reads_zero(layers) {
+            // Without a backing image, unallocated clusters read as zeroes.
+            image.unmap_clusters(start, count)?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Makes whole clusters `[start, end)` read as zeroes, as cheaply as the format allows.
@@ -409,13 +421,7 @@ impl Disk {
         if !image.releases_clusters() {
             return self.zero_without_release(layers, start, end);
         }
-        let count = (end - start) / self.cluster_size;
-        if image.zero_clusters(start, count)? {
-            return Ok(());
-        }
-        if self.unallocated_reads_zero(layers) {
-            // Without a backing image, unallocated clusters read as zeroes.
-            image.unmap_clusters(start, count)?;
+        if self.release_as_zeroes(layers, start, end)? {
             return Ok(());
         }
         self.write_zero_data(layers, start, end)

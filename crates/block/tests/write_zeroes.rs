@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::path::Path;
 
 mod common;
-use common::{run_ok, s};
+use common::{create_qcow2_overlay, run_ok, s};
 
 const KIB: u64 = 1 << 10;
 
@@ -95,22 +95,7 @@ fn without_fallback_a_refusal_changes_nothing() {
         "qemu-io",
         &["-f", "raw", "-c", "write -P 0x11 0 1M", s(&base)],
     );
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            "-b",
-            s(&base),
-            "-F",
-            "raw",
-            s(&top),
-        ],
-    );
+    create_qcow2_overlay(&base, "raw", &top, &["-o", "compat=0.10"]);
     run_ok("qemu-io", &["-c", "write -P 0x22 64k 64k", s(&top)]);
     let before = map(&top);
     let disk = open(&top);

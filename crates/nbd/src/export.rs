@@ -48,9 +48,10 @@ pub struct StatusRun {
 
 /// What an export needs from the disk behind it.
 ///
-/// Calls are blocking and must be thread-safe: the server runs them on
-/// tokio's blocking pool, several at once for one connection and across
-/// connections. The server checks every range against [`size`](Self::size)
+/// Calls are blocking and must be thread-safe: the server runs them on its
+/// own backend threads (`ServerConfig::max_backend_calls`; tokio's blocking
+/// pool if those cannot be started), several at once for one connection and
+/// across connections. The server checks every range against [`size`](Self::size)
 /// before calling, so a backend sees only ranges inside the disk, and checks
 /// the read-only flag of the [`Export`] before any write.
 ///

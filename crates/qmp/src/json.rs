@@ -801,6 +801,17 @@ mod tests {
         out.into_iter().map(|p| p.map(|(value, _)| value)).collect()
     }
 
+    /// Feeds each input alone and expects exactly one error, with its message.
+    fn each_fails_with(cases: &[(&[u8], &str)]) {
+        for (input, message) in cases {
+            assert_eq!(
+                feed_all(&[input]),
+                vec![Err(message.to_string())],
+                "{input:?}"
+            );
+        }
+    }
+
     #[test]
     fn split_value_completes_on_last_byte() {
         let out = feed_all(&[b"{\"execute\":", b" \"quit\"", b"}"]);
@@ -844,13 +855,7 @@ mod tests {
                 "JSON parse error, \\u00zz is not a valid Unicode character",
             ),
         ];
-        for (input, message) in cases {
-            assert_eq!(
-                feed_all(&[input]),
-                vec![Err(message.to_string())],
-                "{input:?}"
-            );
-        }
+        each_fails_with(cases);
     }
 
     #[test]
@@ -909,13 +914,7 @@ mod tests {
             // The second value is parsed before the check.
             (b"{\"a\": 1, \"a\": }", "JSON parse error, expecting value"),
         ];
-        for (input, message) in cases {
-            assert_eq!(
-                feed_all(&[input]),
-                vec![Err(message.to_string())],
-                "{input:?}"
-            );
-        }
+        each_fails_with(cases);
     }
 
     #[test]

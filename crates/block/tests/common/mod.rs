@@ -25,20 +25,16 @@ pub fn run_ok(tool: &str, args: &[&str]) -> String {
 
 /// Creates `top`, a qcow2 overlay of the qcow2 image `base`, with `qemu-img create`.
 pub fn create_overlay(base: &Path, top: &Path) {
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(base),
-            "-F",
-            "qcow2",
-            s(top),
-        ],
-    );
+    create_qcow2_overlay(base, "qcow2", top, &[]);
+}
+
+/// Creates `top`, a qcow2 overlay of `base` (in `base_format`), with `qemu-img create` and
+/// `extra` arguments (`-o compat=0.10`, say).
+pub fn create_qcow2_overlay(base: &Path, base_format: &str, top: &Path, extra: &[&str]) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(extra);
+    args.extend(["-b", s(base), "-F", base_format, s(top)]);
+    run_ok("qemu-img", &args);
 }
 
 /// A temporary path as the `&str` the tools' arguments need.
