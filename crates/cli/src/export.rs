@@ -150,10 +150,16 @@ fn bind_unix(path: &std::path::Path) -> std::io::Result<std::os::unix::net::Unix
 }
 
 impl NbdHost for NbdServerHost {
-    fn start(&self, addr: &NbdAddr, max_connections: u32) -> Result<(), String> {
+    fn start(
+        &self,
+        addr: &NbdAddr,
+        max_connections: u32,
+        handshake_timeout: Option<std::time::Duration>,
+    ) -> Result<(), String> {
         let mut running = self.running();
         let server = Server::new(ServerConfig {
             max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            handshake_timeout,
             ..ServerConfig::default()
         });
         let _guard = self.runtime.enter();

@@ -110,8 +110,12 @@ fn a_flush_on_one_connection_makes_another_connections_writes_durable() {
         .expect("runtime");
     let host = NbdServerHost::new(runtime.handle().clone());
     let socket = dir.path().join("nbd.sock");
-    host.start(&NbdAddr::Unix(socket.clone()), u32::MAX)
-        .expect("start the NBD server");
+    host.start(
+        &NbdAddr::Unix(socket.clone()),
+        u32::MAX,
+        Some(imgstream_nbd::DEFAULT_HANDSHAKE_TIMEOUT),
+    )
+    .expect("start the NBD server");
     host.add_export("disk", disk, true).expect("add the export");
     let mut a = Client::connect_unix(&socket, "disk").expect("connect A");
     let mut b = Client::connect_unix(&socket, "disk").expect("connect B");

@@ -29,5 +29,5 @@ mod workers;
 
 pub use export::{BackendError, Export, ExportBackend, ExportError, StatusRun, ZeroFlags};
 pub use protocol::nbd_error_from_errno;
-pub use server::{Server, ServerConfig};
+pub use server::{Server, ServerConfig, DEFAULT_HANDSHAKE_TIMEOUT};
 pub use transmission::MAX_PAYLOAD_SIZE;

@@ -20,6 +20,9 @@ use crate::latch::Latch;
 use crate::transmission::{self, Limits};
 use crate::workers::BackendWorkers;
 
+/// QEMU's default `handshake-max-seconds`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Tunables of a [`Server`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -35,6 +38,10 @@ pub struct ServerConfig {
     /// Bytes of write payloads and read buffers one connection may hold at
     /// once; raised to the 32 MiB maximum request if set lower.
     pub max_bytes_per_connection: u32,
+    /// How long a client may take to finish negotiating before it is disconnected (QEMU's
+    /// `handshake-max-seconds`, 10 s by default); `None`: no limit. Without one, idle clients
+    /// could hold every connection slot.
+    pub handshake_timeout: Option<Duration>,
     /// How long a closing connection waits for its requests in flight before
     /// it drops their replies and closes anyway (a client that stopped
     /// reading its replies would otherwise hold shutdown up for ever).
@@ -60,6 +67,7 @@ impl Default for ServerConfig {
             max_connections: 128,
             max_requests_per_connection: 64,
             max_bytes_per_connection: 64 * 1024 * 1024,
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
             drain_timeout: Duration::from_secs(30),
             max_backend_calls: default_backend_calls(),
         }
@@ -333,9 +341,19 @@ impl Server {
     {
         let shutdown = &self.inner.shutdown;
         // Shutdown during negotiation just closes: nothing is in flight yet.
+        let deadline = async {
+            match self.inner.config.handshake_timeout {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
         let negotiated = tokio::select! {
             outcome = handshake::negotiate(&mut stream, &self.inner.exports) => outcome,
             () = shutdown.tripped() => return,
+            () = deadline => {
+                debug!("NBD client did not finish negotiating in time: disconnected");
+                return;
+            }
         };
         let negotiated = match negotiated {
             Ok(Outcome::Transmission(negotiated)) => negotiated,

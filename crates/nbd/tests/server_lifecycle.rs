@@ -195,6 +195,26 @@ fn wait_closed_returns_once_the_requests_in_flight_are_answered() {
 }
 
 #[test]
+fn a_client_that_does_not_finish_negotiating_in_time_is_disconnected() {
+    // QEMU's handshake-max-seconds: without a limit, idle clients could hold every slot.
+    let backend = slow_backend();
+    let config = ServerConfig {
+        max_connections: 1,
+        handshake_timeout: Some(Duration::from_millis(200)),
+        ..ServerConfig::default()
+    };
+    let ts = TestServer::start_with(config, vec![("disk", export(&backend))]);
+    let mut idle = RawClient::connect(&ts.socket);
+    // Blocks until the server gives up on it: the read ends at EOF, not at a client timeout.
+    assert!(idle.is_closed_by_server());
+    // Its slot is free again, and a client that negotiates at once is served past the limit.
+    let (mut client, _, _) = RawClient::transmission(&ts.socket, "disk", false);
+    std::thread::sleep(Duration::from_millis(400));
+    client.request(NBD_CMD_READ, 0, 1, 0, 4096);
+    assert_eq!(client.simple_reply(), (0, 1));
+}
+
+#[test]
 fn serve_tcp_listens_on_loopback_and_stops_on_shutdown() {
     let backend = slow_backend();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -76,7 +76,14 @@ pub enum NbdAddr {
 /// NBD).
 pub trait NbdHost: Send + Sync + std::fmt::Debug {
     /// Starts listening at `addr`.
-    fn start(&self, addr: &NbdAddr, max_connections: u32) -> Result<(), String>;
+    /// Starts listening at `addr`, serving at most `max_connections` clients, each given
+    /// `handshake_timeout` to negotiate (`None`: no limit).
+    fn start(
+        &self,
+        addr: &NbdAddr,
+        max_connections: u32,
+        handshake_timeout: Option<std::time::Duration>,
+    ) -> Result<(), String>;
     /// Stops listening and drops every export.
     fn stop(&self);
     /// Offers `disk` as export `name`.

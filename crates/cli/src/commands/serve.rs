@@ -390,8 +390,12 @@ async fn serve_async(
                 }
             }
         };
-        nbd.start(&addr, u32::MAX)
-            .map_err(|e| anyhow::anyhow!("Could not listen on {address:?}: {e}"))?;
+        nbd.start(
+            &addr,
+            u32::MAX,
+            Some(imgstream_nbd::DEFAULT_HANDSHAKE_TIMEOUT),
+        )
+        .map_err(|e| anyhow::anyhow!("Could not listen on {address:?}: {e}"))?;
         daemon.set_nbd_running(addr);
     }
     for (name, disk) in disks {

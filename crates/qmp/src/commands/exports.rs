@@ -81,7 +81,18 @@ pub fn nbd_server_start(
     if opts.str("tls-creds")?.is_some() || opts.str("tls-authz")?.is_some() {
         return Err(QmpError::generic("imgstream: TLS is not supported"));
     }
-    opts.int("handshake-max-seconds")?;
+    // QEMU: a uint32 of seconds, 0 for no limit, 10 by default.
+    let handshake_timeout = match opts.int("handshake-max-seconds")? {
+        None => Some(std::time::Duration::from_secs(10)),
+        Some(0) => None,
+        Some(seconds) => Some(std::time::Duration::from_secs(
+            u32::try_from(seconds)
+                .map_err(|_| {
+                    QmpError::generic("Parameter 'handshake-max-seconds' expects uint32_t")
+                })?
+                .into(),
+        )),
+    };
     let max_connections = opts.int("max-connections")?.unwrap_or(0);
     let max_connections = u32::try_from(max_connections)
         .map_err(|_| QmpError::generic("Parameter 'max-connections' expects uint32_t"))?;
@@ -98,7 +109,8 @@ pub fn nbd_server_start(
     } else {
         max_connections
     };
-    host.start(&address, limit).map_err(QmpError::generic)?;
+    host.start(&address, limit, handshake_timeout)
+        .map_err(QmpError::generic)?;
     *running = Some(address);
     Ok(Json::empty_object())
 }
