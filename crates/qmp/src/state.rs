@@ -51,7 +51,8 @@ pub struct Node {
     pub explicit_backing: bool,
     /// The layers under this one when the node was made. A stream that drops the node from its
     /// disk's chain leaves it this backing, as QEMU leaves a dropped node its backing link.
-    pub below_when_made: Vec<Arc<Layer>>,
+    /// Weak: the nodes that hold those layers keep them open, and deleting them closes them.
+    pub below_when_made: Vec<Weak<Layer>>,
 }
 
 /// A protocol node (`driver=file`): a path and its options; the format node above it opens
@@ -113,7 +114,7 @@ impl Node {
         match self.depth() {
             Some(depth) => layers[depth..].to_vec(),
             None => std::iter::once(self.layer.clone())
-                .chain(self.below_when_made.iter().cloned())
+                .chain(self.below_when_made.iter().map_while(Weak::upgrade))
                 .collect(),
         }
     }
@@ -211,7 +212,7 @@ impl Daemon {
                 file: None,
                 seq: first + count - 1 - depth as u64,
                 explicit_backing: false,
-                below_when_made: layers[depth + 1..].to_vec(),
+                below_when_made: layers[depth + 1..].iter().map(Arc::downgrade).collect(),
             });
         }
         Ok(())

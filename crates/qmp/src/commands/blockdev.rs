@@ -325,7 +325,7 @@ fn add_format(
         }
     };
     if let Some(name) = &name {
-        let below_when_made = disk.layers()[1..].to_vec();
+        let below_when_made = disk.layers()[1..].iter().map(Arc::downgrade).collect();
         daemon.insert_node(Node {
             name: name.clone(),
             disk: Arc::new(disk),
