@@ -571,6 +571,25 @@ async fn replay_text(name: &str, text: &str, base: BaseKind, images: Images) -> 
         mismatches.append(&mut replay.mismatches);
         let _ = stop.send(());
         let _ = handle.await;
+        // QSD was a process that had exited before the next session: wait until this
+        // daemon's images are closed (a job, its flush thread or a connection task may hold a
+        // disk a moment longer) before the next daemon locks them again.
+        let disks: Vec<std::sync::Weak<Disk>> = daemon
+            .nodes()
+            .iter()
+            .map(|node| Arc::downgrade(&node.disk))
+            .collect();
+        drop(daemon);
+        for _ in 0..1000 {
+            if disks.iter().all(|disk| disk.strong_count() == 0) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            disks.iter().all(|disk| disk.strong_count() == 0),
+            "{name}: an image of session {n} was still open 10 s after its daemon stopped"
+        );
     }
     mismatches
 }
