@@ -105,10 +105,7 @@ fn closed_export_sends_its_clients_away_after_their_requests_and_spares_others()
         ts.server.export_clients("disk") == 2 && ts.server.export_clients("other") == 1
     });
     // The slow read is in flight when the export closes.
-    busy.request(NBD_CMD_READ, 0, 1, SIZE / 2, 4096);
-    wait_for("the slow read to start", || {
-        backend.slow_reads_started.load(Ordering::Acquire) == 1
-    });
+    start_slow_read(&mut busy, &backend);
 
     assert!(ts.server.close_export("disk").is_some());
     assert_eq!(ts.server.export_names(), vec!["other".to_string()]);
@@ -140,6 +137,24 @@ fn disconnect_waits_for_requests_in_flight() {
     assert!(client.is_closed_by_server());
 }
 
+/// Sends a read of the slow offset as request 1, and returns once the backend has begun it.
+fn start_slow_read(client: &mut RawClient, backend: &MemBackend) {
+    client.request(NBD_CMD_READ, 0, 1, SIZE / 2, 4096);
+    wait_for("the slow read to start", || {
+        backend.slow_reads_started.load(Ordering::Acquire) == 1
+    });
+}
+
+/// The structured reply to [`start_slow_read`]'s request, whole.
+fn assert_slow_read_answered(client: &mut RawClient) {
+    let (flags, kind, handle, payload) = client.chunk();
+    assert_eq!(
+        (flags, kind, handle),
+        (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 1)
+    );
+    assert_eq!(&payload[8..], &[0x99; 4096]);
+}
+
 #[test]
 fn shutdown_finishes_requests_in_flight_then_closes_every_connection() {
     let backend = slow_backend();
@@ -147,19 +162,11 @@ fn shutdown_finishes_requests_in_flight_then_closes_every_connection() {
     let (mut busy, _, _) = RawClient::transmission(&ts.socket, "disk", true);
     let mut idle = RawClient::transmission(&ts.socket, "disk", false).0;
     let mut negotiating = RawClient::connect(&ts.socket);
-    busy.request(NBD_CMD_READ, 0, 1, SIZE / 2, 4096);
-    wait_for("the slow read to start", || {
-        backend.slow_reads_started.load(Ordering::Acquire) == 1
-    });
+    start_slow_read(&mut busy, &backend);
 
     ts.stop();
 
-    let (flags, kind, handle, payload) = busy.chunk();
-    assert_eq!(
-        (flags, kind, handle),
-        (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 1)
-    );
-    assert_eq!(&payload[8..], &[0x99; 4096]);
+    assert_slow_read_answered(&mut busy);
     assert!(busy.is_closed_by_server());
     assert!(idle.is_closed_by_server());
     assert!(negotiating.is_closed_by_server());
@@ -172,10 +179,7 @@ fn wait_closed_returns_once_the_requests_in_flight_are_answered() {
     let backend = slow_backend();
     let ts = TestServer::start(vec![("disk", export(&backend))]);
     let (mut busy, _, _) = RawClient::transmission(&ts.socket, "disk", true);
-    busy.request(NBD_CMD_READ, 0, 1, SIZE / 2, 4096);
-    wait_for("the slow read to start", || {
-        backend.slow_reads_started.load(Ordering::Acquire) == 1
-    });
+    start_slow_read(&mut busy, &backend);
 
     ts.server.shutdown();
     tokio::runtime::Builder::new_current_thread()
@@ -185,12 +189,7 @@ fn wait_closed_returns_once_the_requests_in_flight_are_answered() {
 
     // Closed only after the slow read was answered: a daemon flushes after this.
     assert_eq!(ts.server.connections(), 0);
-    let (flags, kind, handle, payload) = busy.chunk();
-    assert_eq!(
-        (flags, kind, handle),
-        (NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, 1)
-    );
-    assert_eq!(&payload[8..], &[0x99; 4096]);
+    assert_slow_read_answered(&mut busy);
     assert!(busy.is_closed_by_server());
 }
 
